@@ -1,0 +1,1 @@
+"""Pipelines of gspn-diffusers (installed as ``gspn_diffusers.pipelines``)."""
