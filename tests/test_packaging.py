@@ -27,8 +27,9 @@ def test_wheel_holds_every_part(wheel):
         assert f"gspn_diffusers/pipelines/{source.name}" in names
     for source in ROOT.glob("distill/*.py"):
         assert f"gspn_diffusers/distill/{source.name}" in names
-    for source in ROOT.glob("csrc/*"):
-        assert f"gspn_diffusers/csrc/{source.name}" in names
+    for pattern in ("*.cu", "*.cuh", "*.cpp", "*.h"):
+        for source in ROOT.glob(f"csrc/{pattern}"):
+            assert f"gspn_diffusers/csrc/{source.name}" in names
     assert "gspn_diffusers/configs/sdxl_unet.json" in names
     assert "gspn_diffusers/ops/reference.py" in names
 
