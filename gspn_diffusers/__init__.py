@@ -2,6 +2,8 @@
 
 Public API (imported lazily, so that ``import gspn_diffusers`` stays cheap):
     gspn_propagate                  the GSPN-2 op (gspn_diffusers.ops)
+    GSPN2AttnProcessor              GSPN-2 as a diffusers self-attention processor (gspn_diffusers.processor)
+    GSPNAdapter                     the processors of one UNet: save/load, mount/unmount (gspn_diffusers.adapter)
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "gspn_propagate": "gspn_diffusers.ops",
+    "GSPN2AttnProcessor": "gspn_diffusers.processor",
+    "GSPNAdapter": "gspn_diffusers.adapter",
 }
 
 
