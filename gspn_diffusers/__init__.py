@@ -2,8 +2,8 @@
 
 Public API (imported lazily, so that ``import gspn_diffusers`` stays cheap):
     gspn_propagate                  the GSPN-2 op (gspn_diffusers.ops)
-    GSPN2AttnProcessor              GSPN-2 as a diffusers self-attention processor (gspn_diffusers.processor)
-    GSPNAdapter                     the processors of one UNet: save/load, mount/unmount (gspn_diffusers.adapter)
+    GSPN2AttnProcessor              GSPN-2 as a self-attention processor (gspn_diffusers.processor)
+    GSPNAdapter                     a UNet's processors: save/load, mount/unmount (gspn_diffusers.adapter)
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def self_attention_layers(unet: nn.Module) -> list[str]:
     return [
         name
         for name, module in unet.named_modules()
-        if isinstance(module, Attention) and name.rsplit(".", 1)[-1] == "attn1" and not module.is_cross_attention
+        if isinstance(module, Attention) and name.split(".")[-1] == "attn1" and not module.is_cross_attention
     ]
 
 
@@ -152,7 +152,7 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
             if not isinstance(module, Attention):
                 raise ValueError(f"GSPNAdapter: layer {layer!r} is not an attention layer of this UNet")
             if module.is_cross_attention:
-                raise ValueError(f"GSPNAdapter: layer {layer!r} is cross-attention; only self-attention is replaced")
+                raise ValueError(f"GSPNAdapter: layer {layer!r} is cross-attention, not self-attention")
             width = module.to_q.in_features
             if width != processor.query_dim:
                 raise ValueError(

@@ -226,7 +226,9 @@ class GSPN2AttnProcessor(nn.Module):
     ) -> torch.Tensor:
         # Spelled out (not inherited from nn.Module) because Attention.forward filters the keyword
         # arguments it passes by the signature of processor.__call__; nn.Module's routes to forward.
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        return super().__call__(
+            attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
+        )
 
     def forward(
         self,

@@ -1,6 +1,8 @@
 """GSPNAdapter on the tiny SDXL UNet (CPU, reference backend)."""
 
 import math
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,7 +108,8 @@ def test_unmount_gives_the_teacher_back_exactly(unet, adapter, teacher_output):
 def test_mismatched_checkpoints_are_refused_naming_the_layer(unet, teacher_output):
     torch.manual_seed(0)
     wider = UNet2DConditionModel(**{**tiny_unet_config(), "block_out_channels": (32, 96, 96)})
-    with pytest.raises(ValueError, match=r"'down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn1'.* 64 .* 96"):
+    first = r"'down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn1'"
+    with pytest.raises(ValueError, match=first + r".* 64 .* 96"):
         GSPNAdapter.for_unet(wider).mount(unet)
     missing = "down_blocks.1.attentions.0.transformer_blocks.7.attn1"
     with pytest.raises(ValueError, match=missing.replace(".", r"\.")):
@@ -194,3 +197,11 @@ def test_dtype_follows_the_unet_unless_asked_not_to(tiny_sdxl_path):
 def test_for_unet_refuses_unknown_chunk_layers(unet):
     with pytest.raises(ValueError, match="not attn1"):
         GSPNAdapter.for_unet(unet, chunk_size={"up_blocks.9.attn1": 4})
+
+
+def test_unet_benchmark_smoke_runs_on_cpu(capsys):
+    bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bench_unet.py"))
+    bench["main"](["--tiny", "--sizes", "64", "96x64", "--budget-s", "0", "--max-repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split("|") for line in lines if line.strip().startswith(("64x64", "96x64"))]
+    assert len(rows) == 2 and all(len(row) == 5 and "ms" in row[2] and "x)" in row[2] for row in rows)
