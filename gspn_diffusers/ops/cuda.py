@@ -1,0 +1,107 @@
+"""CUDA backend of ``gspn_propagate``: the fused kernels of csrc/ as torch.library custom ops.
+
+``gspn_diffusers::propagate`` and ``gspn_diffusers::propagate_backward`` are registered with fake
+(meta) implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through them without a
+graph break. The forward returns the state h beside y only when u is given and a backward will need
+it (with u = None, y is the state).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .build import load_extension
+
+_GLOBAL = 1 << 30  # a chunk longer than any line: global propagation
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def block_channels(x: Tensor, groups: int, backward: bool) -> int:
+    """Channels one block scans together: 2 when a gate group has room for it and the grid stays full."""
+    override = os.environ.get("GSPN_BACKWARD_BLOCK_CHANNELS" if backward else "GSPN_BLOCK_CHANNELS")
+    if override:
+        return int(override)
+    batch, channels = x.shape[:2]
+    per_group = channels // groups
+    if per_group % 2 == 0 and batch * 4 * channels // 2 >= 2 * _sm_count(x.device):
+        return 2
+    return 1
+
+
+@torch.library.custom_op("gspn_diffusers::propagate", mutates_args=(), device_types="cuda")
+def propagate(
+    x: Tensor, gates: Tensor, lam: Tensor, u: Tensor | None, chunk_size: int, save_state: bool
+) -> tuple[Tensor, Tensor]:
+    """Fused forward: (y, state); state is empty unless ``save_state`` and u is given."""
+    cb = block_channels(x, gates.shape[3], backward=False)
+    y, state = load_extension().forward(x, gates, lam, u, chunk_size, save_state, cb)
+    return y, state
+
+
+@propagate.register_fake
+def _(x, gates, lam, u, chunk_size, save_state):
+    batch, channels, height, width = x.shape
+    y = x.new_empty(batch, 4, channels, height, width)
+    state = torch.empty_like(y) if (save_state and u is not None) else x.new_empty(0)
+    return y, state
+
+
+@torch.library.custom_op("gspn_diffusers::propagate_backward", mutates_args=(), device_types="cuda")
+def propagate_backward(
+    grad_y: Tensor, x: Tensor, gates: Tensor, lam: Tensor, u: Tensor | None, state: Tensor, chunk_size: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused backward: (grad_x, grad_gates, grad_lam, grad_u); grad_u is empty when u is None."""
+    cb = block_channels(x, gates.shape[3], backward=True)
+    gx, ggates, glam, gu = load_extension().backward(grad_y, x, gates, lam, u, state, chunk_size, cb)
+    return gx, ggates, glam, gu
+
+
+@propagate_backward.register_fake
+def _(grad_y, x, gates, lam, u, state, chunk_size):
+    gu = torch.empty_like(u) if u is not None else x.new_empty(0)
+    return torch.empty_like(x), torch.empty_like(gates), torch.empty_like(lam), gu
+
+
+def _setup_context(ctx, inputs, output):
+    x, gates, lam, u, chunk_size, _ = inputs
+    y, state = output
+    ctx.save_for_backward(x, gates, lam, u, y if u is None else state)
+    ctx.chunk_size = chunk_size
+
+
+def _backward(ctx, grad_y, _grad_state):
+    x, gates, lam, u, state = ctx.saved_tensors
+    if state.numel() == 0:
+        raise RuntimeError("gspn_propagate: the forward ran without saving its state; run it with grad enabled")
+    gx, ggates, glam, gu = propagate_backward(grad_y.contiguous(), x, gates, lam, u, state, ctx.chunk_size)
+    return gx, ggates, glam, (gu if u is not None else None), None, None
+
+
+propagate.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gspn_propagate_cuda(
+    x: Tensor, gates: Tensor, lam: Tensor, u: Tensor | None = None, chunk_size: int | None = None
+) -> Tensor:
+    """Run the fused kernels on checked inputs (see ``gspn_propagate``); gates, lam and u take x's dtype."""
+    if not x.is_cuda:
+        raise ValueError(f"gspn_propagate: backend='cuda' needs CUDA tensors, got x on {x.device}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"gspn_propagate: the CUDA kernels take float32, float16 or bfloat16, got {x.dtype}; "
+            "pass backend=\"reference\" for other dtypes"
+        )
+    gates, lam = (t.to(x.dtype).contiguous() for t in (gates, lam))
+    u = None if u is None else u.to(x.dtype).contiguous()
+    x = x.contiguous()
+    needs_state = u is not None and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, gates, lam, u)
+    )
+    y, _ = propagate(x, gates, lam, u, _GLOBAL if chunk_size is None else chunk_size, needs_state)
+    return y
