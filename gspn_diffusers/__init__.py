@@ -16,6 +16,7 @@ _LAZY = {
     "gspn_propagate": "gspn_diffusers.ops",
     "GSPN2AttnProcessor": "gspn_diffusers.processor",
     "GSPNAdapter": "gspn_diffusers.adapter",
+    "GSPNStableDiffusionXLPipeline": "gspn_diffusers.pipelines",
 }
 
 

@@ -1,0 +1,561 @@
+"""``GSPNStableDiffusionXLPipeline``: SDXL with GSPN-2 self-attention, progressive 4K-16K generation.
+
+The call follows a ``Plan`` (planning.py) decided before any work: a base stage, then upscale stages
+that upsample the previous latent, re-noise it to the stage's strength and denoise it, each running
+the UNet on the whole latent or on blended tiles (tiling.py); the VAE decodes in tiles that share
+whole-image statistics (vae_tiling.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionXLPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+from .memory import MemoryModel, available_bytes, resident_bytes
+from .planning import DEFAULT_NUM_INFERENCE_STEPS, Plan, StagePlan, make_plan, shrink_stage, vae_tile_grid
+from .vae_tiling import decode_tiled, encode_tiled
+
+logger = logging.getLogger(__name__)
+
+UPSAMPLE_MODES = ("latent", "pixel")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class GSPNPipelineOutput(StableDiffusionXLPipelineOutput):
+    """``images`` as the SDXL pipeline gives them, plus the ``plan`` followed and ``timings``: one dict
+    per stage (index, size, tiles actually used, seconds, peak bytes, attempts) and one for the decode."""
+
+    plan: Plan | None = None
+    timings: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class _Conditioning:
+    """Text and micro-conditioning for the UNet; with CFG, the unconditional half first (2B rows)."""
+
+    prompt_embeds: torch.Tensor
+    text_embeds: torch.Tensor
+    time_ids: torch.Tensor
+    timestep_cond: torch.Tensor | None
+    cfg: bool
+
+    def half(self, index: int) -> "_Conditioning":
+        """Rows of the unconditional (0) or conditional (1) half."""
+        rows = slice(index * self.batch, (index + 1) * self.batch)
+        return _Conditioning(self.prompt_embeds[rows], self.text_embeds[rows], self.time_ids[rows],
+                             self.timestep_cond, False)
+
+    @property
+    def batch(self) -> int:
+        return self.prompt_embeds.shape[0] // (2 if self.cfg else 1)
+
+
+class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
+    """SDXL text-to-image with an optional ``gspn`` component (a ``GSPNAdapter``, mounted on the UNet)
+    and progressive generation above the base resolution with UNet and VAE tiling.
+
+    ``from_pretrained(sdxl_folder_or_hub_id, gspn=GSPNAdapter.from_pretrained(...))`` loads a stock
+    SDXL checkpoint with GSPN; ``save_pretrained`` writes the adapter as the ``gspn`` subfolder (the
+    UNet is saved without it) and ``from_pretrained`` of that folder mounts it again.
+    """
+
+    _optional_components = StableDiffusionXLPipeline._optional_components + ["gspn"]
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        tokenizer,
+        tokenizer_2,
+        unet,
+        scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+        gspn=None,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+    ):
+        super().__init__(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, image_encoder=image_encoder,
+            feature_extractor=feature_extractor, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=add_watermarker,
+        )
+        self.register_modules(gspn=gspn)
+        if gspn is not None:
+            gspn.mount(unet)
+        self.stage_index: int | None = None
+        self.num_stages: int | None = None
+
+    # ----------------------------------------------------------------------------------- save / load
+
+    def save_pretrained(self, *args, **kwargs):
+        """As diffusers' ``save_pretrained``; the UNet is written without the mounted GSPN processors."""
+        with self._gspn_unmounted():
+            return super().save_pretrained(*args, **kwargs)
+
+    @contextmanager
+    def _gspn_unmounted(self):
+        gspn = getattr(self, "gspn", None)
+        mounted = gspn is not None and gspn.is_mounted
+        if mounted:
+            gspn.unmount(self.unet)
+        try:
+            yield
+        finally:
+            if mounted:
+                gspn.mount(self.unet)
+
+    # ------------------------------------------------------------------------------------- planning
+
+    @property
+    def base_size(self) -> int:
+        """Pixels a side of the base resolution: the UNet's sample size times the VAE factor."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    def _vae_compute_dtype(self) -> torch.dtype:
+        """The VAE's dtype, except float16 with ``force_upcast`` (SDXL's VAE overflows in float16):
+        bfloat16 on a CUDA GPU that supports it, float32 elsewhere."""
+        dtype = self.vae.dtype
+        if dtype == torch.float16 and self.vae.config.force_upcast:
+            device = self._execution_device
+            if device.type == "cuda" and torch.cuda.is_bf16_supported():
+                return torch.bfloat16
+            return torch.float32
+        return dtype
+
+    def plan(
+        self,
+        height: int | None = None,
+        width: int | None = None,
+        *,
+        batch_size: int = 1,
+        num_images_per_prompt: int = 1,
+        guidance_scale: float = 5.0,
+        num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
+        strength=None,
+        stage_steps=None,
+        upsample_guidance=None,
+        tile_size: int | None = None,
+        vae_tile_size: int | None = None,
+        memory_budget: int | None = None,
+    ) -> Plan:
+        """The plan a call with these arguments would follow; ValueError if it cannot run.
+
+        ``memory_budget``: bytes of working memory beyond what is resident now; None takes 90% of the
+        free memory of the execution device (CUDA: free plus cached-unused; CPU: available RAM).
+        See ``__call__`` for the other arguments.
+        """
+        device = self._execution_device
+        modules = [m for m in self.components.values() if isinstance(m, nn.Module)]
+        memory = MemoryModel.for_models(self.unet, self.vae, self.unet.dtype, self._vae_compute_dtype(),
+                                        resident_bytes(modules, device))
+        return make_plan(
+            height=height or self.base_size,
+            width=width or self.base_size,
+            base_size=self.base_size,
+            vae_factor=self.vae_scale_factor,
+            memory=memory,
+            memory_budget=available_bytes(device) if memory_budget is None else int(memory_budget),
+            batch=batch_size * num_images_per_prompt,
+            cfg=guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None,
+            num_inference_steps=num_inference_steps,
+            strength=strength,
+            stage_steps=stage_steps,
+            upsample_guidance=upsample_guidance,
+            tile_size=tile_size,
+            vae_tile_size=vae_tile_size,
+        )
+
+    # ------------------------------------------------------------------------------------------ call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
+        strength: float | list[float] | None = None,
+        stage_steps: int | list[int] | None = None,
+        upsample_guidance: float | list[float] | None = None,
+        upsample_mode: str = "latent",
+        guidance_scale: float = 5.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        tile_size: int | None = None,
+        vae_tile_size: int | None = None,
+        memory_budget: int | None = None,
+    ):
+        """Generate images of ``height x width`` (default: the base resolution), progressively above it.
+
+        Arguments shared with ``StableDiffusionXLPipeline`` mean the same. The others:
+
+        - ``num_inference_steps``: the base stage's steps, and the schedule upscale stages take the tail
+          of (a stage of strength s runs int(num_inference_steps * s) steps). Default 30.
+        - ``strength``: re-noising strength of the upscale stages, one number or one per upscale stage;
+          default 0.5, 0.45, 0.4, 0.35 (then 0.3) for the 1st, 2nd, ... x2 stage.
+        - ``stage_steps``: steps of every stage (an int) or of each stage (a list, base first); overrides
+          the rule above.
+        - ``upsample_guidance``: in [0, 1], one number or one per upscale stage (default 0.5). At step
+          i of n of a stage, the latent is pulled towards the upsampled previous latent noised to the
+          current timestep with weight ``upsample_guidance * (1 + cos(pi * i / n)) / 2``: the stage
+          keeps the composition of the smaller image early and adds detail freely late. 0 disables.
+        - ``upsample_mode``: "latent" (bicubic on the latent, default, cheap) or "pixel" (decode, resize
+          the image, encode again; the VAE runs tiled both ways).
+        - ``tile_size``: pixels of the UNet's square tiles (None: whole latent when it fits, otherwise
+          the largest tiles the memory allows). ``vae_tile_size``: pixels of the VAE's tiles.
+        - ``memory_budget``: bytes the call may use beyond what is resident (see ``plan``).
+        - ``callback_on_step_end(pipe, step, timestep, callback_kwargs)``: called after every step of
+          every stage; ``step`` counts within the stage, ``pipe.stage_index`` says which stage.
+
+        Returns ``GSPNPipelineOutput`` (``images``, ``plan``, ``timings``) or ``(images,)``.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        height, width = height or self.base_size, width or self.base_size
+        if upsample_mode not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample_mode must be one of {UPSAMPLE_MODES}; got {upsample_mode!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
+        batch_size = self._batch_size(prompt, prompt_embeds)
+        plan = self.plan(
+            height, width, batch_size=batch_size, num_images_per_prompt=num_images_per_prompt,
+            guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, strength=strength,
+            stage_steps=stage_steps, upsample_guidance=upsample_guidance, tile_size=tile_size,
+            vae_tile_size=vae_tile_size, memory_budget=memory_budget,
+        )
+        self.check_inputs(
+            prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
+            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, None, None,
+            callback_on_step_end_tensor_inputs,
+        )
+        base = plan.stages[0]
+        latent_shape = (plan.batch, self.unet.config.in_channels, base.height // self.vae_scale_factor,
+                        base.width // self.vae_scale_factor)
+        if latents is not None and tuple(latents.shape) != latent_shape:
+            raise ValueError(f"latents must have the base stage's shape {latent_shape}; got {tuple(latents.shape)}")
+
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._denoising_end = None
+        self._interrupt = False
+        self.num_stages = len(plan.stages)
+
+        cond = self._conditioning(
+            prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, prompt_embeds,
+            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+            original_size or (base.height, base.width), crops_coords_top_left, target_size or (base.height, base.width),
+        )
+        step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        callback = (callback_on_step_end, callback_on_step_end_tensor_inputs)
+
+        timings = []
+        with self.progress_bar(total=len(plan.stages)) as stages_bar:
+            for stage in plan.stages:
+                stages_bar.set_description(f"stage {stage.index} {stage.width}x{stage.height}")
+                latents, record = self._run_stage(stage, plan, latents, cond, generator, upsample_mode,
+                                                  step_kwargs, callback)
+                timings.append(record)
+                stages_bar.update()
+        self.stage_index = None
+
+        if output_type == "latent":
+            images = latents
+        else:
+            with _measured(latents.device) as record:
+                image = self._vae_decode(latents, plan)
+            timings.append({"stage": "decode", "height": height, "width": width,
+                            "tiles": plan.vae_num_tiles, **record})
+            if self.watermark is not None:
+                image = self.watermark.apply_watermark(image)
+            if output_type != "pt":
+                image = image.cpu()
+            images = self.image_processor.postprocess(image, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return GSPNPipelineOutput(images=images, plan=plan, timings=timings)
+
+    # ---------------------------------------------------------------------------------------- stages
+
+    def _run_stage(self, stage: StagePlan, plan: Plan, previous, cond, generator, upsample_mode, step_kwargs,
+                   callback):
+        """Run one stage; on CUDA out-of-memory, re-plan it with smaller tiles and run it again from
+        its start latent. Returns (latents, timing record)."""
+        self.stage_index = stage.index
+        device = self._execution_device
+        with _measured(device) as record:
+            start, guide = self._stage_start(stage, plan, previous, cond, generator, upsample_mode)
+            attempts = 1
+            while True:
+                try:
+                    latents = self._denoise(stage, start, guide, cond, step_kwargs, callback)
+                    break
+                except torch.OutOfMemoryError as error:
+                    try:
+                        smaller = shrink_stage(stage, plan.cfg, plan.batch, self._memory_model(),
+                                               self.vae_scale_factor)
+                    except RuntimeError:
+                        raise error from None
+                    logger.warning("stage %d ran out of memory with tiles %s; retrying with tiles %s%s",
+                                   stage.index, stage.tile_size, smaller.tile_size,
+                                   ", CFG sequential" if smaller.cfg_sequential else "")
+                    stage, attempts = smaller, attempts + 1
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+        record = {"stage": stage.index, "height": stage.height, "width": stage.width, "steps": stage.steps,
+                  "tiles": stage.num_tiles, "tile_size": stage.tile_size, "cfg_sequential": stage.cfg_sequential,
+                  "attempts": attempts, **record}
+        return latents, record
+
+    def _memory_model(self) -> MemoryModel:
+        return MemoryModel.for_models(self.unet, self.vae, self.unet.dtype, self._vae_compute_dtype())
+
+    def _set_stage_timesteps(self, stage: StagePlan) -> torch.Tensor:
+        """Set the scheduler to the stage's schedule and return its timesteps: the last ``stage.steps``
+        of ``stage.schedule_steps`` (img2img's rule), starting the scheduler there."""
+        self.scheduler.set_timesteps(stage.schedule_steps, device=self._execution_device)
+        order = getattr(self.scheduler, "order", 1)
+        first = (stage.schedule_steps - stage.steps) * order
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(first)
+        return self.scheduler.timesteps[first:]
+
+    def _stage_start(self, stage, plan, previous, cond, generator, upsample_mode):
+        """(start latent, guide) of a stage. Base stage: the initial noise (``previous`` is the user's
+        ``latents`` or None), no guide. Upscale stage: the previous latent upsampled and noised to the
+        stage's first timestep; the guide is (upsampled latent, that noise)."""
+        device, dtype = self._execution_device, cond.prompt_embeds.dtype
+        timesteps = self._set_stage_timesteps(stage)
+        if stage.index == 0:
+            start = self.prepare_latents(plan.batch, self.unet.config.in_channels, stage.height, stage.width,
+                                         dtype, device, generator, previous)
+            return start, None
+        source = self._upsample(previous, stage, plan, upsample_mode).to(dtype)
+        noise = randn_tensor(source.shape, generator=generator, device=device, dtype=dtype)
+        start = self.scheduler.add_noise(source, noise, timesteps[:1].repeat(plan.batch))
+        return start, (source, noise)
+
+    def _upsample(self, latents: torch.Tensor, stage: StagePlan, plan: Plan, mode: str) -> torch.Tensor:
+        """(B, c, h, w) latents of the previous stage -> (B, c, H / f, W / f) at this stage's size."""
+        size = (stage.height // self.vae_scale_factor, stage.width // self.vae_scale_factor)
+        if mode == "latent":
+            return F.interpolate(latents.float(), size=size, mode="bicubic", align_corners=False)
+        image = self._vae_decode(latents, plan)
+        image = F.interpolate(image, size=(stage.height, stage.width), mode="bicubic", align_corners=False)
+        return self._vae_encode(image.clamp_(-1, 1), plan)
+
+    def _denoise(self, stage: StagePlan, start, guide, cond: _Conditioning, step_kwargs, callback) -> torch.Tensor:
+        """Denoise ``start`` through the stage's timesteps; returns the stage's latents."""
+        timesteps = self._set_stage_timesteps(stage)
+        self._num_timesteps = len(timesteps)
+        grid = stage.tile_grid(self.vae_scale_factor)
+        tiles = None if grid is None else [
+            (tile.slices(), grid.weight(k, start.device)) for k, tile in enumerate(grid.tiles)]
+        callback_fn, callback_inputs = callback
+        latents = start
+        with self.progress_bar(total=len(timesteps)) as bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                if guide is not None and i > 0 and stage.upsample_guidance > 0:
+                    weight = stage.upsample_guidance * 0.5 * (1 + math.cos(math.pi * i / len(timesteps)))
+                    source, noise = guide
+                    target = self.scheduler.add_noise(source, noise, t.reshape(1).repeat(source.shape[0]))
+                    latents = torch.lerp(latents, target.to(latents.dtype), weight)
+                model_input = self.scheduler.scale_model_input(latents, t)
+                noise_pred = self._predict_noise(model_input, t, cond, stage, tiles)
+                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+                if callback_fn is not None:
+                    latents = self._step_callback(callback_fn, callback_inputs, i, t, latents, cond)
+                bar.update()
+        return latents
+
+    def _step_callback(self, callback_fn, names, i, t, latents, cond: _Conditioning) -> torch.Tensor:
+        fields = {"prompt_embeds": "prompt_embeds", "add_text_embeds": "text_embeds", "add_time_ids": "time_ids"}
+        kwargs = {name: latents if name == "latents" else getattr(cond, fields[name]) for name in names}
+        outputs = callback_fn(self, i, t, kwargs) or {}
+        for name, attr in fields.items():
+            if name in outputs:
+                setattr(cond, attr, outputs[name])
+        return outputs.get("latents", latents)
+
+    # ------------------------------------------------------------------------------------------ UNet
+
+    def _predict_noise(self, model_input, t, cond: _Conditioning, stage: StagePlan, tiles) -> torch.Tensor:
+        """The guided noise prediction for a (B, c, h, w) model input: one UNet pass on the whole latent,
+        or one per tile, blended with the tiles' weights (which sum to one). ``tiles``: None or a list of
+        ((row slice, column slice), weight (th, tw))."""
+        if tiles is None:
+            return self._guided_noise(model_input, t, cond, stage.cfg_sequential)
+        blended = torch.zeros_like(model_input, dtype=torch.float32)
+        for (rows, cols), weight in tiles:
+            noise = self._guided_noise(model_input[:, :, rows, cols], t, cond, stage.cfg_sequential)
+            blended[:, :, rows, cols] += noise.float() * weight
+        return blended.to(model_input.dtype)
+
+    def _guided_noise(self, x, t, cond: _Conditioning, cfg_sequential: bool) -> torch.Tensor:
+        """Classifier-free-guided noise for x (B, c, h, w); the two halves batched or one after the other."""
+        if not cond.cfg:
+            return self._unet(x, t, cond)
+        if cfg_sequential:
+            uncond, text = self._unet(x, t, cond.half(0)), self._unet(x, t, cond.half(1))
+        else:
+            uncond, text = self._unet(torch.cat([x, x]), t, cond).chunk(2)
+        noise = uncond + self.guidance_scale * (text - uncond)
+        if self.guidance_rescale > 0:
+            noise = rescale_noise_cfg(noise, text, guidance_rescale=self.guidance_rescale)
+        return noise
+
+    def _unet(self, x, t, cond: _Conditioning) -> torch.Tensor:
+        return self.unet(
+            x, t, encoder_hidden_states=cond.prompt_embeds, timestep_cond=cond.timestep_cond,
+            cross_attention_kwargs=self.cross_attention_kwargs,
+            added_cond_kwargs={"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}, return_dict=False,
+        )[0]
+
+    # ---------------------------------------------------------------------------------- conditioning
+
+    @staticmethod
+    def _batch_size(prompt, prompt_embeds) -> int:
+        if isinstance(prompt, str):
+            return 1
+        if isinstance(prompt, list):
+            return len(prompt)
+        if prompt_embeds is None:
+            raise ValueError("Provide either `prompt` or `prompt_embeds`.")
+        return prompt_embeds.shape[0]
+
+    def _conditioning(self, prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt,
+                      prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+                      original_size, crops_coords_top_left, target_size) -> _Conditioning:
+        """Encode the prompts (``encode_prompt``) and the micro-conditioning (``_get_add_time_ids``).
+
+        Every stage and tile gets the same micro-conditioning: by default that of the base stage's size
+        (SDXL was trained around 1024^2; sizes of 16K are far outside what it has seen there)."""
+        device = self._execution_device
+        lora_scale = (self.cross_attention_kwargs or {}).get("scale")
+        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, device=device, num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=self.do_classifier_free_guidance, negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, lora_scale=lora_scale,
+            clip_skip=self.clip_skip,
+        )
+        projection_dim = (int(pooled.shape[-1]) if self.text_encoder_2 is None
+                          else self.text_encoder_2.config.projection_dim)
+        time_ids = self._get_add_time_ids(original_size, crops_coords_top_left, target_size,
+                                          dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection_dim)
+        time_ids = time_ids.repeat(prompt_embeds.shape[0], 1)
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+            pooled = torch.cat([negative_pooled, pooled])
+            time_ids = torch.cat([time_ids, time_ids])
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            scale = torch.tensor(self.guidance_scale - 1).repeat(prompt_embeds.shape[0])
+            timestep_cond = self.get_guidance_scale_embedding(
+                scale, embedding_dim=self.unet.config.time_cond_proj_dim).to(device=device, dtype=prompt_embeds.dtype)
+        return _Conditioning(prompt_embeds.to(device), pooled.to(device), time_ids.to(device), timestep_cond,
+                             self.do_classifier_free_guidance)
+
+    # ------------------------------------------------------------------------------------------- VAE
+
+    @contextmanager
+    def _vae_in_compute_dtype(self):
+        original, dtype = self.vae.dtype, self._vae_compute_dtype()
+        if dtype != original:
+            self.vae.to(dtype=dtype)
+        try:
+            yield dtype
+        finally:
+            if dtype != original:
+                self.vae.to(dtype=original)
+
+    def _latent_statistics(self, like: torch.Tensor):
+        """(mean, std) the VAE's latents are normalised with, or (None, None) for scaling alone."""
+        config = self.vae.config
+        if getattr(config, "latents_mean", None) is None or getattr(config, "latents_std", None) is None:
+            return None, None
+        shape = (1, -1, 1, 1)
+        return (torch.tensor(config.latents_mean).view(shape).to(like),
+                torch.tensor(config.latents_std).view(shape).to(like))
+
+    def _vae_decode(self, latents: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """(B, c, h, w) latents -> float32 (B, 3, h * f, w * f) image in [-1, 1], tiled as the plan says."""
+        f = self.vae_scale_factor
+        mean, std = self._latent_statistics(latents)
+        z = latents / self.vae.config.scaling_factor if mean is None else (
+            latents * std / self.vae.config.scaling_factor + mean)
+        grid = vae_tile_grid(z.shape[-2], z.shape[-1], plan.vae_tile_size, f)
+        with self._vae_in_compute_dtype() as dtype, self._tile_bar(grid, "VAE decode") as bar:
+            return decode_tiled(self.vae, z.to(dtype), grid, plan.vae_context_size // f, bar.update)
+
+    def _vae_encode(self, image: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """(B, 3, H, W) image in [-1, 1] -> float32 (B, c, H / f, W / f) scaled latents (distribution mean)."""
+        f = self.vae_scale_factor
+        grid = vae_tile_grid(image.shape[-2] // f, image.shape[-1] // f, plan.vae_tile_size, f)
+        with self._vae_in_compute_dtype() as dtype, self._tile_bar(grid, "VAE encode") as bar:
+            z = encode_tiled(self.vae, image.to(dtype), grid, plan.vae_context_size // f, bar.update)
+        mean, std = self._latent_statistics(z)
+        if mean is None:
+            return z * self.vae.config.scaling_factor
+        return (z - mean) * self.vae.config.scaling_factor / std
+
+    def _tile_bar(self, grid, description: str):
+        bar = self.progress_bar(total=1 if grid is None else len(grid))
+        bar.set_description(description)
+        return bar
+
+
+@contextmanager
+def _measured(device: torch.device):
+    """Yields a dict that gets ``seconds`` and ``peak_bytes`` (CUDA peak allocated; None elsewhere)."""
+    record = {}
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    yield record
+    if cuda:
+        torch.cuda.synchronize(device)
+    record["seconds"] = time.perf_counter() - start
+    record["peak_bytes"] = torch.cuda.max_memory_allocated(device) if cuda else None
