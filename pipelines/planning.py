@@ -114,7 +114,7 @@ class Plan:
             f"GSPN SDXL plan: {self.width}x{self.height}, {len(self.stages)} stage(s), batch {self.batch}, "
             f"CFG {'on' if self.cfg else 'off'}, budget {_gib(self.memory_budget)}",
             f"{'stage':>5}  {'size (WxH)':>11}  {'strength':>8}  {'steps':>9}  {'guide':>5}  "
-            f"{'UNet layout':<34}  {'tiles':>5}  {'memory':>9}",
+            f"{'UNet layout':<50}  {'tiles':>5}  {'memory':>9}",
         ]
         for s in self.stages:
             if s.tile_size is None:
@@ -124,7 +124,7 @@ class Plan:
             layout += ", CFG " + ("sequential" if s.cfg_sequential else "batched") if self.cfg else ""
             lines.append(
                 f"{s.index:>5}  {f'{s.width}x{s.height}':>11}  {s.strength:>8.2f}  "
-                f"{f'{s.steps}/{s.schedule_steps}':>9}  {s.upsample_guidance:>5.2f}  {layout:<34}  "
+                f"{f'{s.steps}/{s.schedule_steps}':>9}  {s.upsample_guidance:>5.2f}  {layout:<50}  "
                 f"{s.num_tiles:>5}  {_gib(s.predicted_bytes):>9}"
             )
         vae = "whole image" if self.vae_tile_size is None else (
@@ -256,7 +256,18 @@ def _stage_layout(latent_h, latent_w, batch, cfg, memory: MemoryModel, budget, t
         tile = (side, side)
     if min(tile) < MIN_TILE_LATENT:
         return None
+    tile = (_balanced_tile(latent_h, tile[0]), _balanced_tile(latent_w, tile[1]))
     return tile, cfg, need(tile, batch)
+
+
+def _balanced_tile(length: int, largest: int) -> int:
+    """The smallest tile (<= largest) that covers ``length`` with as few tiles as ``largest`` needs,
+    neighbours sharing a quarter tile: no tile bigger than the count of tiles requires."""
+    if largest >= length:
+        return length
+    count = math.ceil((length - largest / 4) / (largest * 3 / 4))
+    tile = math.ceil(length / (0.75 * count + 0.25) / LATENT_ALIGN) * LATENT_ALIGN
+    return min(largest, max(tile, MIN_TILE_LATENT))
 
 
 def _make_stage(index, size, strength, steps, guide, layout, vae_factor) -> StagePlan:

@@ -78,7 +78,10 @@ def test_small_budget_tiles_the_large_stages_within_the_budget():
     assert tiled and tiled[-1].index == len(p.stages) - 1
     for s in p.stages:
         assert s.predicted_bytes <= budget * GIB
-    assert tiled[-1].num_tiles > 1 and tiled[-1].tile_size[0] < 8192
+    last = tiled[-1]
+    assert last.num_tiles > 1 and last.tile_size[0] < 8192
+    # tiles no larger than their count needs: overlap costs at most ~1.5x the stage's area
+    assert last.num_tiles * last.tile_size[0] * last.tile_size[1] < 1.6 * 8192**2
 
 
 def test_impossible_budget_is_refused():
