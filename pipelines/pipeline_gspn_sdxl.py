@@ -333,12 +333,13 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                                                self.vae_scale_factor)
                     except RuntimeError:
                         raise error from None
-                    logger.warning("stage %d ran out of memory with tiles %s; retrying with tiles %s%s",
-                                   stage.index, stage.tile_size, smaller.tile_size,
-                                   ", CFG sequential" if smaller.cfg_sequential else "")
-                    stage, attempts = smaller, attempts + 1
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                # Out of the except block, the failed attempt's tensors are released.
+                logger.warning("stage %d ran out of memory with tiles %s; retrying with tiles %s%s",
+                               stage.index, stage.tile_size, smaller.tile_size,
+                               ", CFG sequential" if smaller.cfg_sequential else "")
+                stage, attempts = smaller, attempts + 1
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         record = {"stage": stage.index, "height": stage.height, "width": stage.width, "steps": stage.steps,
                   "tiles": stage.num_tiles, "tile_size": stage.tile_size, "cfg_sequential": stage.cfg_sequential,
                   "attempts": attempts, **record}

@@ -120,10 +120,10 @@ class TileGrid:
     def weight(self, index: int, device=None, scale: int = 1) -> torch.Tensor:
         """Float32 (th * scale, tw * scale) weight of tile ``index``, each value repeated on a finer grid."""
         i, j = self._weight_index[index]
-        w = (self.row_weights[i][:, None] * self.col_weights[j][None, :]).float()
+        w = (self.row_weights[i][:, None] * self.col_weights[j][None, :]).float().to(device)
         if scale > 1:
             w = w.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-        return w.to(device)
+        return w
 
     def items(self, device=None, scale: int = 1):
         for index, tile in enumerate(self.tiles):

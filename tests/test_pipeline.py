@@ -161,3 +161,14 @@ def test_out_of_memory_replans_the_stage_smaller_and_keeps_finished_stages(pipe,
     assert second["tile_size"][0] < 256 and second["tiles"] > out.plan.stages[1].num_tiles
     assert [c for c in calls if c[0] == 0] == [(0, None)] * 4  # the base stage ran once
     assert out.images.shape == (1, 512, 512, 3) and np.isfinite(out.images).all()
+
+
+def test_a_float16_vae_decodes_in_a_dtype_that_does_not_overflow(pipe):
+    pipe.vae.to(torch.float16)
+    try:
+        assert pipe.vae.config.force_upcast and pipe._vae_compute_dtype() == torch.float32  # CPU: no bfloat16
+        out = generate(pipe, height=512, width=512, vae_tile_size=128)
+        assert np.isfinite(out.images).all() and out.images.std() > 0
+        assert pipe.vae.dtype == torch.float16  # cast back after the decode
+    finally:
+        pipe.vae.to(torch.float32)
