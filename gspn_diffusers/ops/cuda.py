@@ -2,8 +2,8 @@
 
 ``gspn_diffusers::propagate`` and ``gspn_diffusers::propagate_backward`` are registered with fake
 (meta) implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through them without a
-graph break. The forward returns the state h beside y only when u is given and a backward will need
-it (with u = None, y is the state).
+graph break. When a backward will follow, the forward also returns the state h (before u) in float32:
+the backward's gate gradients take differences of products of h, which a 16-bit copy would blur.
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ def block_channels(x: Tensor, groups: int, backward: bool) -> int:
         return int(override)
     batch, channels = x.shape[:2]
     per_group = channels // groups
-    if per_group % 2 == 0 and batch * 4 * channels // 2 >= 2 * _sm_count(x.device):
-        return 2
-    return 1
+    if backward and per_group % 2 == 0 and batch * 4 * channels // 2 >= 2 * _sm_count(x.device):
+        return 2  # shares the gate loads and halves the atomic gate-gradient sums
+    return 1  # forward: one channel per block keeps shared memory small enough for two blocks per SM
 
 
 @torch.library.custom_op("gspn_diffusers::propagate", mutates_args=(), device_types="cuda")
 def propagate(
     x: Tensor, gates: Tensor, lam: Tensor, u: Tensor | None, chunk_size: int, save_state: bool
 ) -> tuple[Tensor, Tensor]:
-    """Fused forward: (y, state); state is empty unless ``save_state`` and u is given."""
+    """Fused forward: (y, state); state is the float32 h when ``save_state``, else empty."""
     cb = block_channels(x, gates.shape[3], backward=False)
     y, state = load_extension().forward(x, gates, lam, u, chunk_size, save_state, cb)
     return y, state
@@ -48,7 +48,7 @@ def propagate(
 def _(x, gates, lam, u, chunk_size, save_state):
     batch, channels, height, width = x.shape
     y = x.new_empty(batch, 4, channels, height, width)
-    state = torch.empty_like(y) if (save_state and u is not None) else x.new_empty(0)
+    state = y.new_empty(y.shape if save_state else (0,), dtype=torch.float32)
     return y, state
 
 
@@ -70,15 +70,15 @@ def _(grad_y, x, gates, lam, u, state, chunk_size):
 
 def _setup_context(ctx, inputs, output):
     x, gates, lam, u, chunk_size, _ = inputs
-    y, state = output
-    ctx.save_for_backward(x, gates, lam, u, y if u is None else state)
+    _, state = output
+    ctx.save_for_backward(x, gates, lam, u, state)
     ctx.chunk_size = chunk_size
 
 
 def _backward(ctx, grad_y, _grad_state):
     x, gates, lam, u, state = ctx.saved_tensors
-    if state.numel() == 0:
-        raise RuntimeError("gspn_propagate: the forward ran without saving its state; run it with grad enabled")
+    if state.numel() == 0:  # the forward was told no backward would follow: rebuild the state
+        _, state = propagate(x, gates, lam, u, ctx.chunk_size, True)
     gx, ggates, glam, gu = propagate_backward(grad_y.contiguous(), x, gates, lam, u, state, ctx.chunk_size)
     return gx, ggates, glam, (gu if u is not None else None), None, None
 
@@ -86,10 +86,21 @@ def _backward(ctx, grad_y, _grad_state):
 propagate.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _dense_per_item(t: Tensor) -> Tensor:
+    """t itself when each batch item is contiguous (a view into a wider tensor is fine), else a copy."""
+    if t[0].is_contiguous() and (t.shape[0] == 1 or t.stride(0) >= t[0].numel()):
+        return t
+    return t.contiguous()
+
+
 def gspn_propagate_cuda(
     x: Tensor, gates: Tensor, lam: Tensor, u: Tensor | None = None, chunk_size: int | None = None
 ) -> Tensor:
-    """Run the fused kernels on checked inputs (see ``gspn_propagate``); gates, lam and u take x's dtype."""
+    """Run the fused kernels on checked inputs (see ``gspn_propagate``); gates, lam and u take x's dtype.
+
+    gates, lam and u may be views into one wider tensor (as the processor's coefficient maps are): the
+    kernels read them in place as long as each batch item is contiguous.
+    """
     if not x.is_cuda:
         raise ValueError(f"gspn_propagate: backend='cuda' needs CUDA tensors, got x on {x.device}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -97,10 +108,10 @@ def gspn_propagate_cuda(
             f"gspn_propagate: the CUDA kernels take float32, float16 or bfloat16, got {x.dtype}; "
             "pass backend=\"reference\" for other dtypes"
         )
-    gates, lam = (t.to(x.dtype).contiguous() for t in (gates, lam))
-    u = None if u is None else u.to(x.dtype).contiguous()
+    gates, lam = (_dense_per_item(t.to(x.dtype)) for t in (gates, lam))
+    u = None if u is None else _dense_per_item(u.to(x.dtype))
     x = x.contiguous()
-    needs_state = u is not None and torch.is_grad_enabled() and any(
+    needs_state = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, gates, lam, u)
     )
     y, _ = propagate(x, gates, lam, u, _GLOBAL if chunk_size is None else chunk_size, needs_state)

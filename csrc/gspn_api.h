@@ -1,0 +1,34 @@
+// What the torch binding (host C++) sees of the CUDA side: the problem shape and the launchers.
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace gspn {
+
+constexpr int kMaxThreads = 512;           // threads of the generic kernels
+constexpr int kMaxLine = 8 * kMaxThreads;  // longest line: 8 positions per thread
+
+// x (B, C, H, W); gates (B, 4, 3, G, H, W); lam, u, y, h (B, 4, C, H, W). Every tensor is contiguous
+// inside one batch item; gates, lam and u may have a larger batch stride (views of one wider tensor).
+struct Shape {
+  int B, C, H, W, G;
+  int chunk;           // lines per chunk; a value above max(H, W) means global propagation
+  int block_channels;  // channels one block scans together (1 or 2); divides C / G
+  long long gates_batch_stride, lam_batch_stride, u_batch_stride;  // in elements
+};
+
+// y = u * h (y = h when u is null); h_out (may be null) receives the state h in float32, for the
+// backward. `aligned`: every pointer is 16-byte aligned (the staged kernels need it).
+template <typename T>
+cudaError_t launch_forward(const T* x, const T* gates, const T* lam, const T* u, T* y, float* h_out, Shape s,
+                           bool aligned, cudaStream_t stream);
+
+// h is the forward's float32 state. gx_dir: float32 (B, 4, C, H, W), gradient of x per
+// direction; ggates: float32 (B, 4, 3, G, H, W), zero-filled when a gate group has more than one channel
+// (its blocks then add into it).
+template <typename T>
+cudaError_t launch_backward(const T* gy, const T* x, const T* gates, const T* lam, const T* u, const float* h,
+                            float* gx_dir, float* ggates, T* glam, T* gu, Shape s, bool aligned,
+                            cudaStream_t stream);
+
+}  // namespace gspn

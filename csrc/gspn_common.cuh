@@ -1,0 +1,111 @@
+// Shared pieces of the fused GSPN-2 kernels: launch parameters, line geometry, packed loads and
+// stores, and the stability-context tap normalisation.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#include "gspn_api.h"
+
+namespace gspn {
+
+// Direction d scans lines one after another: t is the scan index, i the index inside a line.
+//   d = 0: columns, w = t          d = 1: columns, w = W-1-t
+//   d = 2: rows,    h = t          d = 3: rows,    h = H-1-t
+// The offset of (t, i) inside one H x W plane is i * stride_i + pos(t) * stride_t.
+struct Lines {
+  int T, L;
+  int stride_i, stride_t;  // offsets inside one plane fit in 32 bits (lines of at most 4096)
+  bool reversed;
+  __device__ __forceinline__ Lines(int d, int H, int W) {
+    const bool columns = d < 2;
+    T = columns ? W : H;
+    L = columns ? H : W;
+    stride_i = columns ? W : 1;
+    stride_t = columns ? 1 : W;
+    reversed = (d & 1) != 0;
+  }
+  __device__ __forceinline__ int offset(int t, int i) const {
+    return i * stride_i + (reversed ? T - 1 - t : t) * stride_t;
+  }
+};
+
+// Position inside the current chunk, followed along the scan without a division per step.
+struct ChunkPhase {
+  int phase, chunk;
+  __device__ __forceinline__ ChunkPhase(int t, int chunk_) : phase(t % chunk_), chunk(chunk_) {}
+  __device__ __forceinline__ bool starts() const { return phase == 0; }
+  __device__ __forceinline__ void forward() { phase = (phase + 1 == chunk) ? 0 : phase + 1; }
+  __device__ __forceinline__ void backward() { phase = (phase == 0) ? chunk - 1 : phase - 1; }
+};
+
+template <typename T> __device__ __forceinline__ float to_acc(T v) { return static_cast<float>(v); }
+template <> __device__ __forceinline__ float to_acc<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T, typename A> __device__ __forceinline__ T from_acc(A v) { return static_cast<T>(v); }
+template <> __device__ __forceinline__ __half from_acc<__half, float>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// float32 accumulation for every input dtype the kernels take (float32, float16, bfloat16).
+template <typename T> struct Acc { using type = float; };
+
+// VEC consecutive elements moved as one aligned access.
+template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
+
+// Reads the values of scan steps t0 .. t0+VEC-1 at line index i into out[0..VEC).
+// packed: the VEC steps are contiguous and aligned in memory (columns, W % VEC == 0, full group).
+template <typename T, int VEC, typename A>
+__device__ __forceinline__ void load_steps(const T* __restrict__ plane, const Lines& g, int t0, int i,
+                                           bool packed, A (&out)[VEC]) {
+  if (VEC > 1 && packed) {
+    // Columns: the steps are neighbours along w, ascending for d = 0 and descending for d = 1.
+    const int first = g.reversed ? g.offset(t0 + VEC - 1, i) : g.offset(t0, i);
+    const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(plane + first);
+#pragma unroll
+    for (int s = 0; s < VEC; ++s) out[s] = to_acc(p.v[g.reversed ? VEC - 1 - s : s]);
+  } else {
+#pragma unroll
+    for (int s = 0; s < VEC; ++s) out[s] = (t0 + s < g.T) ? to_acc(plane[g.offset(t0 + s, i)]) : A(0);
+  }
+}
+
+template <typename T, int VEC, typename A>
+__device__ __forceinline__ void store_steps(T* __restrict__ plane, const Lines& g, int t0, int i, bool packed,
+                                            const A (&in)[VEC]) {
+  if (VEC > 1 && packed) {
+    Pack<T, VEC> p;
+#pragma unroll
+    for (int s = 0; s < VEC; ++s) p.v[g.reversed ? VEC - 1 - s : s] = from_acc<T>(in[s]);
+    const int first = g.reversed ? g.offset(t0 + VEC - 1, i) : g.offset(t0, i);
+    *reinterpret_cast<Pack<T, VEC>*>(plane + first) = p;
+  } else {
+#pragma unroll
+    for (int s = 0; s < VEC; ++s)
+      if (t0 + s < g.T) plane[g.offset(t0 + s, i)] = from_acc<T>(in[s]);
+  }
+}
+
+__device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + __expf(-v)); }
+
+// Stability-context normalisation: s_k = sigmoid(logit_k); the taps that would read outside the line
+// are dropped (k = 0 at i = 0, k = 2 at i = L-1); w_k = s_k / sum(s). Rows of the propagation matrix
+// then sum to one.
+template <typename A>
+struct Taps {
+  A s[3];
+  A inv_sum;
+  __device__ __forceinline__ Taps(A g0, A g1, A g2, bool has_left, bool has_right) {
+    s[0] = has_left ? sigmoid(g0) : A(0);
+    s[1] = sigmoid(g1);
+    s[2] = has_right ? sigmoid(g2) : A(0);
+    inv_sum = A(1) / (s[0] + s[1] + s[2]);
+  }
+  __device__ __forceinline__ A w(int k) const { return s[k] * inv_sum; }
+};
+
+}  // namespace gspn

@@ -1,0 +1,124 @@
+// Host-side launchers: pick the kernel (staged fast path or generic) and its block shape, then launch.
+#pragma once
+
+#include <algorithm>
+#include <cuda_runtime.h>
+
+#include "gspn_backward.cuh"
+#include "gspn_forward.cuh"
+#include "gspn_staged.cuh"
+
+namespace gspn {
+
+// Positions per thread so that `longest` positions fit in `max_threads` threads (a power of two).
+inline int positions_per_thread(int longest, int max_threads) {
+  int p = 1;
+  while (p * max_threads < longest) p *= 2;
+  return p;
+}
+
+inline int threads_for(int longest, int p, int max_threads) {
+  const int per_thread = (longest + p - 1) / p;
+  return std::min(max_threads, (per_thread + 31) / 32 * 32);
+}
+
+template <typename Kernel>
+cudaError_t launch(Kernel kernel, int blocks, int threads, size_t smem, cudaStream_t stream, void** args) {
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+  }
+  const cudaError_t err =
+      cudaLaunchKernel(reinterpret_cast<const void*>(kernel), dim3(blocks), dim3(threads), args, smem, stream);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+#define GSPN_SWITCH_P(P_VALUE, ...)                       \
+  switch (P_VALUE) {                                      \
+    case 1: { constexpr int P = 1; __VA_ARGS__; break; }  \
+    case 2: { constexpr int P = 2; __VA_ARGS__; break; }  \
+    case 4: { constexpr int P = 4; __VA_ARGS__; break; }  \
+    default: { constexpr int P = 8; __VA_ARGS__; break; } \
+  }
+
+#define GSPN_SWITCH_CB(CB_VALUE, ...)                      \
+  switch (CB_VALUE) {                                      \
+    case 2: { constexpr int CB = 2; __VA_ARGS__; break; }  \
+    default: { constexpr int CB = 1; __VA_ARGS__; break; } \
+  }
+
+// The staged kernels need rows of whole 16-byte chunks, lines of at most 4096 positions and, per group,
+// copies of at least 4 bytes (cp.async's smallest) per thread, position and tensor (vector_bytes / P).
+template <typename T>
+inline bool staged_fits(const Shape& s, int vector_bytes, bool aligned) {
+  const int longest = std::max(s.H, s.W);
+  const int p = positions_per_thread(longest, kStagedThreads);
+  return aligned && s.W % (16 / int(sizeof(T))) == 0 && longest <= 4 * kStagedThreads &&
+         vector_bytes / p >= 4;
+}
+
+template <typename T>
+cudaError_t launch_forward(const T* x, const T* gates, const T* lam, const T* u, T* y, float* h, Shape s, bool aligned,
+                           cudaStream_t stream) {
+  const int longest = std::max(s.H, s.W);
+  const int blocks_per_channel_slice = s.B * 4;
+  void* args[] = {&x, &gates, &lam, &u, &y, &h, &s};
+  cudaError_t err = cudaSuccess;
+  if (staged_fits<T>(s, 16, aligned)) {
+    const int p = positions_per_thread(longest, kStagedThreads);
+    const int threads = threads_for(longest, p, kStagedThreads);
+    auto smem_for = [&](int cb) { return size_t(2) * (3 + 3 * cb) * 16 * threads + size_t(2) * cb * (longest + 2) * 4; };
+    if (s.block_channels == 2 && smem_for(2) > kSharedLimit) s.block_channels = 1;
+    const int blocks = blocks_per_channel_slice * (s.C / s.block_channels);
+    const size_t smem = smem_for(s.block_channels);
+    GSPN_SWITCH_P(p, GSPN_SWITCH_CB(s.block_channels,
+        if constexpr (16 / P >= 4) err = launch(staged_forward_kernel<T, CB, P>, blocks, threads, smem, stream, args)));
+    return err;
+  }
+  const int p = positions_per_thread(longest, kMaxThreads);
+  const int threads = threads_for(longest, p, kMaxThreads);
+  const int blocks = blocks_per_channel_slice * (s.C / s.block_channels);
+  const size_t smem = size_t(2) * s.block_channels * (longest + 2) * sizeof(float);
+  GSPN_SWITCH_P(p, GSPN_SWITCH_CB(s.block_channels,
+      err = launch(forward_kernel<T, CB, P>, blocks, threads, smem, stream, args)));
+  return err;
+}
+
+template <typename T>
+cudaError_t launch_backward(const T* gy, const T* x, const T* gates, const T* lam, const T* u, const float* h,
+                            float* gx_dir, float* ggates, T* glam, T* gu, Shape s, bool aligned, cudaStream_t stream) {
+  const int longest = std::max(s.H, s.W);
+  void* args[] = {&gy, &x, &gates, &lam, &u, &h, &gx_dir, &ggates, &glam, &gu, &s};
+  cudaError_t err = cudaSuccess;
+  if (staged_fits<T>(s, 8, aligned)) {
+    const int p = positions_per_thread(longest, kStagedThreads);
+    const int threads = threads_for(longest, p, kStagedThreads);
+    // per thread and stage: 8 / P bytes of each T tensor, the float32 state at the same steps
+    const int state_bytes = 8 / p / int(sizeof(T)) * 4 * p;
+    auto smem_for = [&](int cb) {
+      return size_t(2) * ((3 + 4 * cb) * 8 + cb * state_bytes) * threads + size_t(3 * cb + 6) * (longest + 2) * 4;
+    };
+    if (s.block_channels == 2 && smem_for(2) > kSharedLimit) s.block_channels = 1;
+    const int blocks = s.B * 4 * (s.C / s.block_channels);
+    const size_t smem = smem_for(s.block_channels);
+    GSPN_SWITCH_P(p, GSPN_SWITCH_CB(s.block_channels,
+        if constexpr (8 / P >= 4)
+            err = launch(staged_backward_kernel<T, CB, P>, blocks, threads, smem, stream, args)));
+    return err;
+  }
+  const int p = positions_per_thread(longest, kMaxThreads);
+  const int threads = threads_for(longest, p, kMaxThreads);
+  const int blocks = s.B * 4 * (s.C / s.block_channels);
+  const size_t smem = size_t(3 * s.block_channels + 6) * (longest + 2) * sizeof(float);
+  GSPN_SWITCH_P(p, GSPN_SWITCH_CB(s.block_channels,
+      err = launch(backward_kernel<T, CB, P>, blocks, threads, smem, stream, args)));
+  return err;
+}
+
+#define GSPN_INSTANTIATE(T)                                                                                    \
+  template cudaError_t launch_forward<T>(const T*, const T*, const T*, const T*, T*, float*, Shape, bool,          \
+                                         cudaStream_t);                                                        \
+  template cudaError_t launch_backward<T>(const T*, const T*, const T*, const T*, const T*, const float*, float*, \
+                                          float*, T*, T*, Shape, bool, cudaStream_t);
+
+}  // namespace gspn

@@ -1,0 +1,201 @@
+"""The fused CUDA kernels against the reference (the spec). Marked `cuda`: skipped without a GPU.
+
+Inputs are drawn fresh every run (seeded from the clock and printed on failure), so repeated runs
+cover more of the input space than a fixed seed would.
+"""
+
+import random
+import time
+
+import pytest
+import torch
+
+from gspn_diffusers.ops import gspn_propagate
+
+pytestmark = pytest.mark.cuda
+
+SEED = int(time.time() * 1000) % 2**31
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (B, C, G, H, W): odd sizes, H != W, lines of length 1, every kind of gate grouping. Widths that are
+# multiples of 8 take the staged (cp.async) kernels, the others the generic ones.
+SHAPES = [
+    (2, 6, 3, 5, 8),
+    (1, 4, 1, 33, 16),
+    (2, 8, 2, 17, 64),
+    (1, 2, 1, 1, 8),
+    (1, 1, 1, 1, 1),
+    (2, 3, 3, 1, 7),
+    (1, 4, 2, 9, 1),
+    (2, 6, 1, 5, 13),
+    (1, 8, 8, 16, 12),
+    (3, 4, 2, 33, 17),
+    (1, 6, 3, 64, 40),
+    (2, 16, 1, 40, 64),
+]
+CHUNKS = [None, 1, 3, 8, 100]
+
+
+def make_inputs(shape, dtype, with_u=True, seed=0):
+    b, c, g, h, w = shape
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    make = lambda *s: torch.randn(*s, device="cuda", generator=gen).to(dtype)  # noqa: E731
+    x = make(b, c, h, w)
+    gates = 2 * make(b, 4, 3, g, h, w)
+    lam = make(b, 4, c, h, w)
+    u = make(b, 4, c, h, w) if with_u else None
+    return x, gates, lam, u
+
+
+def rel_err(a, b, scale=0.0):
+    """|a - b| / max(|b|, scale). `scale` floors the denominator where the exact value may be zero: gates
+    of lines of length one have a single tap of weight 1 whatever its logit, and get no gradient."""
+    return ((a.double() - b.double()).norm() / max(b.double().norm().item(), scale, 1e-30)).item()
+
+
+def grads_of(y, inputs, grad_y):
+    """Gradients of every input that is not None; zeros where y does not depend on one (chunk 1: gates)."""
+    used = [t for t in inputs if t is not None]
+    grads = torch.autograd.grad(y, used, grad_y, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(used, grads)]
+
+
+def as64(*tensors):
+    return [None if t is None else t.detach().double() for t in tensors]
+
+
+def poison_allocator(numel):
+    """Leave NaNs where the next allocations will land, so unwritten outputs show up as NaN."""
+    junk = torch.full((numel,), float("nan"), device="cuda")
+    del junk
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_matches_reference(shape, chunk, dtype):
+    seed = SEED + hash((shape, chunk, str(dtype))) % 1000
+    x, gates, lam, u = make_inputs(shape, dtype, with_u=(chunk != 3), seed=seed)
+    poison_allocator(4 * x.numel() * 4 + 1024)
+    y = gspn_propagate(x, gates, lam, u, chunk_size=chunk, backend="cuda")
+    y64 = gspn_propagate(*as64(x, gates, lam, u), chunk_size=chunk, backend="reference")
+    assert y.dtype == dtype and y.shape == y64.shape
+    assert torch.isfinite(y).all(), f"unwritten or non-finite output (seed {seed})"
+    if dtype == torch.float32:
+        assert rel_err(y, y64) < 1e-5, f"seed {seed}"
+    else:
+        y_ref = gspn_propagate(x, gates, lam, u, chunk_size=chunk, backend="reference")
+        assert rel_err(y, y64) <= 2 * rel_err(y_ref, y64) + 1e-6, f"seed {seed}"
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:])
+@pytest.mark.parametrize("chunk", [None, 1, 3, 100])
+@pytest.mark.parametrize("with_u", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradients_match_reference(shape, chunk, with_u, dtype):
+    seed = SEED + hash((shape, chunk, with_u, str(dtype))) % 1000
+    inputs = [t.requires_grad_() if t is not None else None
+              for t in make_inputs(shape, dtype, with_u=with_u, seed=seed)]
+    y = gspn_propagate(*inputs, chunk_size=chunk, backend="cuda")
+    grad_y = torch.randn_like(y)
+    poison_allocator(8 * y.numel() * 4 + 1024)
+    grads = grads_of(y, inputs, grad_y)
+
+    inputs64 = [t.requires_grad_() if t is not None else None for t in as64(*inputs)]
+    y64 = gspn_propagate(*inputs64, chunk_size=chunk, backend="reference")
+    grads64 = grads_of(y64, inputs64, grad_y.double())
+    if dtype != torch.float32:
+        y_ref = gspn_propagate(*inputs, chunk_size=chunk, backend="reference")
+        grads_ref = grads_of(y_ref, inputs, grad_y)
+    scale = 1e-2 * max(g.norm().item() for g in grads64)
+    names = ["x", "gates", "lam", "u"]
+    for k, (got, want) in enumerate(zip(grads, grads64)):
+        assert torch.isfinite(got).all(), f"grad {names[k]} not finite (seed {seed})"
+        err = rel_err(got, want, scale)
+        if dtype == torch.float32:
+            assert err < 1e-4, f"grad {names[k]}: {err:.2e} (seed {seed})"
+        else:
+            bound = 2 * rel_err(grads_ref[k], want, scale) + 1e-5
+            assert err <= bound, f"grad {names[k]}: {err:.2e} > {bound:.2e} (seed {seed})"
+
+
+def test_random_shapes_against_reference():
+    rng = random.Random(SEED)
+    for _ in range(12):
+        g = rng.choice([1, 2, 3])
+        width = rng.choice([rng.randint(1, 70), 8 * rng.randint(1, 9)])
+        shape = (rng.randint(1, 3), g * rng.randint(1, 4), g, rng.randint(1, 70), width)
+        chunk = rng.choice([None, 1, 2, 5, 16, 200])
+        dtype = rng.choice(DTYPES)
+        x, gates, lam, u = make_inputs(shape, dtype, seed=rng.randint(0, 10**6))
+        y = gspn_propagate(x, gates, lam, u, chunk_size=chunk, backend="cuda")
+        y64 = gspn_propagate(*as64(x, gates, lam, u), chunk_size=chunk, backend="reference")
+        y_ref = gspn_propagate(x, gates, lam, u, chunk_size=chunk, backend="reference")
+        bound = 1e-5 if dtype == torch.float32 else 2 * rel_err(y_ref, y64) + 1e-6
+        assert rel_err(y, y64) <= bound, f"{shape} chunk={chunk} {dtype} (seed {SEED})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_lines_vectorised_paths(dtype):
+    # 1024-long lines take 2 positions per thread; W % 8 == 0 takes the packed column loads.
+    x, gates, lam, u = make_inputs((1, 2, 1, 24, 1024), dtype, seed=SEED)
+    y = gspn_propagate(x, gates, lam, u, backend="cuda")
+    y64 = gspn_propagate(*as64(x, gates, lam, u), backend="reference")
+    y_ref = gspn_propagate(x, gates, lam, u, backend="reference")
+    bound = 1e-5 if dtype == torch.float32 else 2 * rel_err(y_ref, y64) + 1e-6
+    assert rel_err(y, y64) <= bound
+
+
+@pytest.mark.parametrize("width", [16, 13])
+def test_strided_views_of_one_coefficient_tensor(width):
+    # The processor slices gates, lam and u out of one conv output: views with a larger batch stride.
+    b, c, g, h = 2, 4, 1, 9
+    coeffs = torch.randn(b, 12 * g + 8 * c, h, width, device="cuda", requires_grad=True)
+    x = torch.randn(b, c, h, width, device="cuda", requires_grad=True)
+    gates = coeffs[:, : 12 * g].view(b, 4, 3, g, h, width)
+    lam = coeffs[:, 12 * g : 12 * g + 4 * c].view(b, 4, c, h, width)
+    u = coeffs[:, 12 * g + 4 * c :].view(b, 4, c, h, width)
+    y = gspn_propagate(x, gates, lam, u, chunk_size=4, backend="cuda")
+    y_ref = gspn_propagate(x, gates, lam, u, chunk_size=4, backend="reference")
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(y.square().sum(), [x, coeffs])
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), [x, coeffs])
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_2048_long_float16_scan_stays_finite():
+    x, gates, lam, _ = make_inputs((1, 2, 1, 3, 2048), torch.float16, with_u=False, seed=SEED)
+    x, lam = x.abs(), lam.abs()
+    y = gspn_propagate(x, gates, lam, backend="cuda")
+    assert torch.isfinite(y).all()
+    y64 = gspn_propagate(*as64(x, gates, lam), backend="reference")
+    assert rel_err(y, y64) < 2e-3
+
+
+def test_opcheck_registered_op():
+    for dtype in DTYPES:
+        x, gates, lam, u = make_inputs((2, 4, 2, 7, 9), dtype, seed=SEED)
+        for t in (x, gates, lam, u):
+            t.requires_grad_()
+        torch.library.opcheck(torch.ops.gspn_diffusers.propagate.default, (x, gates, lam, u, 3, True))
+        # without a saved state the backward rebuilds it
+        torch.library.opcheck(torch.ops.gspn_diffusers.propagate.default, (x, gates, lam, None, 1 << 30, False))
+
+
+def test_compiled_equals_eager():
+    x, gates, lam, u = make_inputs((2, 4, 1, 12, 20), torch.float32, seed=SEED)
+
+    def block(x, gates, lam, u):
+        return gspn_propagate(x * 2, gates, lam, u, chunk_size=4).sum(1)
+
+    compiled = torch.compile(block, fullgraph=True)
+    torch.testing.assert_close(compiled(x, gates, lam, u), block(x, gates, lam, u))
+
+
+def test_auto_backend_uses_cuda_kernels(monkeypatch):
+    import gspn_diffusers.ops as ops
+
+    x, gates, lam, u = make_inputs((1, 2, 1, 4, 4), torch.float32, seed=SEED)
+    monkeypatch.setattr(ops, "gspn_propagate_reference", None)  # any fallback would now fail
+    y = gspn_propagate(x, gates, lam, u)
+    assert y.is_cuda
