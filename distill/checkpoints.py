@@ -1,0 +1,101 @@
+"""Checkpoints that survive a kill: written to a hidden temporary folder, then renamed into place.
+
+    output_dir/.checkpoint-N.tmp   being written (accelerate's save_state, training_state.json, gspn/)
+    output_dir/checkpoint-N        complete: renamed from the temporary folder in one os.replace
+    output_dir/gspn                the latest exported adapter, swapped in the same way
+
+A kill at any moment leaves every ``checkpoint-N`` either absent or complete, so ``latest`` always
+finds a usable one. Old checkpoints are pruned (``--checkpoints_total_limit``) only after the new one
+is in place. A folder counts as a checkpoint only when it holds ``training_state.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+STATE_FILE = "training_state.json"
+ADAPTER_FOLDER = "gspn"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest (lowest step) first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _CHECKPOINT.match(child.name)
+        if match and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(output_dir: str | Path, value: str | None) -> Path | None:
+    """The checkpoint ``--resume_from_checkpoint`` names: ``latest`` (None if there is none) or a path."""
+    if not value:
+        return None
+    if value == "latest":
+        found = checkpoint_dirs(output_dir)
+        return found[-1] if found else None
+    path = Path(value)
+    if not path.is_absolute() and not path.exists():
+        path = Path(output_dir) / value  # diffusers accepts a bare "checkpoint-N" inside output_dir
+    return path
+
+
+def read_state(checkpoint: str | Path) -> dict:
+    return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Put ``source`` at ``target``; an existing ``target`` is moved aside first and removed after."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(source, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def temporary_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / f".checkpoint-{step}.tmp"
+
+
+def finalize(output_dir: str | Path, step: int, state: dict, total_limit: int | None) -> Path:
+    """Main process, after every process wrote into ``temporary_dir``: seal, rename, publish, prune."""
+    output_dir = Path(output_dir)
+    tmp = temporary_dir(output_dir, step)
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    final = output_dir / f"checkpoint-{step}"
+    _replace_dir(tmp, final)
+    if (final / ADAPTER_FOLDER).is_dir():
+        publish_adapter(final / ADAPTER_FOLDER, output_dir)
+    if total_limit is not None:
+        for old in checkpoint_dirs(output_dir)[:-total_limit]:
+            shutil.rmtree(old)
+    return final
+
+
+def publish_adapter(folder: str | Path, output_dir: str | Path) -> Path:
+    """Copy an exported adapter folder (and the fidelity report beside it) to ``output_dir/gspn``, atomically."""
+    output_dir = Path(output_dir)
+    staging = output_dir / f".{ADAPTER_FOLDER}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(folder, staging)
+    target = output_dir / ADAPTER_FOLDER
+    _replace_dir(staging, target)
+    return target
+
+
+def remove_stale_temporaries(output_dir: str | Path) -> None:
+    """Leftovers of a save that was killed (never read as checkpoints; removed at the next start)."""
+    root = Path(output_dir)
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith(".checkpoint-") and child.name.endswith((".tmp", ".old")):
+                shutil.rmtree(child, ignore_errors=True)

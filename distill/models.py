@@ -1,0 +1,205 @@
+"""The SDXL components the distillation needs: shape check, loading, random full-size build, conditioning.
+
+``check_sdxl_shape`` reads only configs (no weights), so a wrong model is refused before anything is
+loaded. ``random_sdxl`` builds SDXL's architecture with random weights directly on the target device
+(``"full"``: the base-1.0 configs in ``gspn_diffusers/configs``; ``"tiny"``: the test-sized one), with
+byte-level tokenizers: benchmarks and tests need no download.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+
+from gspn_diffusers.distill.data import DistillInputError
+
+SDXL_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+@dataclass
+class SDXLComponents:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    text_encoder_2: torch.nn.Module
+    tokenizer: object
+    tokenizer_2: object
+    scheduler_config: dict
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+@dataclass
+class SDXLShape:
+    """What the checks found: the VAE's downsampling factor and the latent channels."""
+
+    vae_scale_factor: int
+    latent_channels: int
+
+
+def _require(condition: bool, source: str, reason: str) -> None:
+    if not condition:
+        raise DistillInputError(f"{source} is not an SDXL-shaped model: {reason}")
+
+
+def sdxl_shape_from_configs(source: str, unet: dict, vae: dict, text_encoder: dict, text_encoder_2: dict) -> SDXLShape:
+    """Check that the four configs fit together as SDXL does; DistillInputError naming ``source`` if not."""
+    _require(unet.get("addition_embed_type") == "text_time", source,
+             f"the UNet's addition_embed_type is {unet.get('addition_embed_type')!r}, SDXL's is 'text_time'")
+    _require(any("CrossAttn" in block for block in unet.get("down_block_types", ())), source,
+             "the UNet has no cross-attention blocks (so no attn1 layers to replace)")
+    hidden = text_encoder["hidden_size"] + text_encoder_2["hidden_size"]
+    _require(unet.get("cross_attention_dim") == hidden, source,
+             f"the UNet's cross_attention_dim is {unet.get('cross_attention_dim')}, but the two text encoders' "
+             f"hidden sizes add up to {hidden}")
+    pooled = text_encoder_2["projection_dim"] + 6 * unet.get("addition_time_embed_dim", 0)
+    _require(unet.get("projection_class_embeddings_input_dim") == pooled, source,
+             f"the UNet's projection_class_embeddings_input_dim is "
+             f"{unet.get('projection_class_embeddings_input_dim')}, SDXL's conditioning gives {pooled} "
+             "(text_encoder_2's projection_dim + 6 x addition_time_embed_dim)")
+    _require(unet.get("in_channels") == vae.get("latent_channels"), source,
+             f"the UNet takes {unet.get('in_channels')} channels, the VAE makes {vae.get('latent_channels')}")
+    return SDXLShape(2 ** (len(vae["block_out_channels"]) - 1), vae["latent_channels"])
+
+
+def check_sdxl_shape(path: str, revision: str | None = None, variant: str | None = None) -> SDXLShape:
+    """Read the configs of a diffusers SDXL folder or Hub id and check its shape (no weights loaded)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    source = f"--pretrained_model_name_or_path {path!r}"
+    try:
+        configs = dict(
+            unet=UNet2DConditionModel.load_config(path, subfolder="unet", revision=revision),
+            vae=AutoencoderKL.load_config(path, subfolder="vae", revision=revision),
+            text_encoder=CLIPTextConfig.from_pretrained(path, subfolder="text_encoder", revision=revision).to_dict(),
+            text_encoder_2=CLIPTextConfig.from_pretrained(
+                path, subfolder="text_encoder_2", revision=revision
+            ).to_dict(),
+        )
+    except Exception as error:  # noqa: BLE001 - any missing or unreadable part means: not SDXL-shaped
+        raise DistillInputError(
+            f"{source} is not an SDXL-shaped model: could not read its configs ({type(error).__name__}: {error}); "
+            f"an SDXL pipeline folder has {', '.join(SDXL_SUBFOLDERS)}"
+        ) from error
+    return sdxl_shape_from_configs(source, **configs)
+
+
+def load_sdxl(args, device, weight_dtype) -> SDXLComponents:
+    """Load the pipeline's parts from ``--pretrained_model_name_or_path``, frozen, on ``device``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
+    options = dict(revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", use_fast=False, **options)
+    tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", use_fast=False, **options)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **options)
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+        path, subfolder="text_encoder_2", variant=variant, **options
+    )
+    vae_path = args.pretrained_vae_model_name_or_path or path
+    vae = AutoencoderKL.from_pretrained(
+        vae_path, subfolder=None if args.pretrained_vae_model_name_or_path else "vae", variant=variant, **options
+    )
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **options)
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler_config = dict(EulerDiscreteScheduler.load_config(path, subfolder="scheduler", **options))
+    components = SDXLComponents(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler_config)
+    return place(components, device, weight_dtype)
+
+
+def place(components: SDXLComponents, device, weight_dtype) -> SDXLComponents:
+    """Freeze every part and put it on ``device``: UNet and text encoders in ``weight_dtype``, the VAE in
+    float32 when its config asks for upcasting (SDXL's VAE overflows in float16)."""
+    vae_dtype = torch.float32 if components.vae.config.get("force_upcast", True) else weight_dtype
+    for module, dtype in ((components.unet, weight_dtype), (components.text_encoder, weight_dtype),
+                          (components.text_encoder_2, weight_dtype), (components.vae, vae_dtype)):
+        module.requires_grad_(False).eval()
+        torch.nn.Module.to(module, device=device, dtype=dtype)  # not ModelMixin.to: it warns about any dtype
+    return components
+
+
+def _config_file(name: str) -> dict:
+    return json.loads(resources.files("gspn_diffusers.configs").joinpath(name).read_text())
+
+
+def random_sdxl(kind: str, device, weight_dtype, seed: int = 0) -> SDXLComponents:
+    """SDXL with random weights, built part by part on ``device`` and cast to ``weight_dtype``.
+
+    kind "full": the SDXL base 1.0 architecture (UNet 2.6B parameters); "tiny": the test-sized one.
+    The tokenizers are byte-level CLIP tokenizers written to a temporary folder; the text encoders'
+    special token ids are set to theirs. The same seed on the same kind of device gives the same
+    weights in every process.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from gspn_diffusers.testing import (
+        TINY_TEXT_HIDDEN, sdxl_scheduler, tiny_unet_config, tiny_vae_config, write_byte_tokenizer,
+    )
+
+    scratch = tempfile.mkdtemp(prefix="gspn-random-sdxl-")
+    tokenizer = write_byte_tokenizer(f"{scratch}/tokenizer")
+    tokenizer_2 = write_byte_tokenizer(f"{scratch}/tokenizer_2", pad_token="!")
+    if kind == "full":
+        unet_config = {k: v for k, v in _config_file("sdxl_unet.json").items() if not k.startswith("_")}
+        vae_config = {k: v for k, v in _config_file("sdxl_vae.json").items() if not k.startswith("_")}
+        text_configs = [_config_file("sdxl_text_encoder.json"), _config_file("sdxl_text_encoder_2.json")]
+        for config in text_configs:
+            config.pop("architectures", None)
+            config.pop("model_type", None)
+    elif kind == "tiny":
+        unet_config, vae_config = tiny_unet_config(), tiny_vae_config()
+        tiny_text = dict(hidden_size=TINY_TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77)
+        text_configs = [dict(tiny_text, projection_dim=512), dict(tiny_text, projection_dim=TINY_TEXT_HIDDEN)]
+    else:
+        raise DistillInputError(f"--random_sdxl must be 'full' or 'tiny', got {kind!r}")
+
+    def build(make):
+        with torch.device(device):
+            module = make()  # random init on the device itself, in float32
+        return torch.nn.Module.to(module, dtype=weight_dtype)
+
+    torch.manual_seed(seed)
+    encoders = []
+    for config, cls, tok in zip(text_configs, (CLIPTextModel, CLIPTextModelWithProjection), (tokenizer, tokenizer_2)):
+        config = dict(config, vocab_size=max(config.get("vocab_size", 0), len(tok)),
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        encoders.append(build(lambda: cls(CLIPTextConfig(**config))))
+    unet = build(lambda: UNet2DConditionModel(**unet_config))
+    vae = build(lambda: AutoencoderKL(**vae_config))
+    components = SDXLComponents(unet, vae, encoders[0], encoders[1], tokenizer, tokenizer_2,
+                                dict(sdxl_scheduler().config))
+    return place(components, device, weight_dtype)
+
+
+# ----------------------------------------------------------------------------------- conditioning
+
+
+@torch.no_grad()
+def encode_prompts(components: SDXLComponents, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning: (penultimate hidden states of both encoders concatenated, pooled)."""
+    hidden, pooled = [], None
+    for tokenizer, encoder in ((components.tokenizer, components.text_encoder),
+                               (components.tokenizer_2, components.text_encoder_2)):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(device)
+        output = encoder(ids, output_hidden_states=True)
+        hidden.append(output.hidden_states[-2])
+        pooled = output.text_embeds if hasattr(output, "text_embeds") else output[0]
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def time_ids(original_sizes, crop_top_lefts, resolution: int, device, dtype) -> torch.Tensor:
+    """(B, 6) SDXL micro-conditioning: original (h, w), crop (top, left), target (h, w)."""
+    rows = [list(size) + list(crop) + [resolution, resolution] for size, crop in zip(original_sizes, crop_top_lefts)]
+    return torch.tensor(rows, device=device, dtype=dtype)
