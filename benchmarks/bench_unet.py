@@ -158,7 +158,7 @@ def format_peak(cell: dict | None) -> str:
         return "-"
     if cell.get("oom"):
         return "OOM"
-    return "n/a" if cell["peak_gib"] is None else f"{cell['peak_gib']:.1f}"
+    return "n/a" if cell["peak_gib"] is None else f"{cell['peak_gib']:.2f}"
 
 
 def print_line(label: str, times: list[str], peaks: list[str]) -> None:
