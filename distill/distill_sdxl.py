@@ -302,11 +302,15 @@ class Distiller:
                                  accelerator.num_processes, args.seed, global_step * accumulation,
                                  args.dataloader_num_workers)
         batches = iter(loader)
-        bench = dict(step_seconds=[], data_seconds=[], first=None, last=None)
-        if args.benchmark_json and accelerator.is_main_process and args.fidelity_timesteps:
-            bench["fidelity_start"] = self.fidelity()
+        bench = dict(step_seconds=[], data_seconds=[], first=None, last=None, setup_peak_gib=0.0)
+        if args.benchmark_json and accelerator.is_main_process:
+            if resume is None:  # what both runs of a 1-vs-N-process comparison start from (compare_adapters.py)
+                self.adapter.save_pretrained(output_dir / "gspn-initial")
+            if args.fidelity_timesteps:
+                bench["fidelity_start"] = self.fidelity()
         accelerator.wait_for_everyone()
         if self.device.type == "cuda":
+            bench["setup_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)
 
         accelerator.print(
@@ -403,7 +407,8 @@ def write_benchmark(path: str, distiller: Distiller, bench: dict, peaks: list[fl
         global_batch_size=distiller.global_batch_size, gradient_checkpointing=args.gradient_checkpointing,
         layers=distiller.layers, steps_run=len(steps), final_step=bench["final_step"],
         seconds_per_step=median, steps_per_second=1.0 / median, data_seconds_per_step=data,
-        step_seconds=steps, peak_memory_gib_per_process=peaks,
+        step_seconds=steps, peak_memory_gib_per_process=peaks, setup_peak_memory_gib_main=bench["setup_peak_gib"],
+        gspn_backend="cuda" if distiller.device.type == "cuda" else "reference",
         feature_loss_first_step=dict(step=first["step"], stage=first["stage"], mean=first["feature_loss"],
                                      per_layer=dict(zip(distiller.layers, first["layer_feature_loss"]))),
         feature_loss_last_step=dict(step=last["step"], stage=last["stage"], mean=last["feature_loss"],

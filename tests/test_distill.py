@@ -223,3 +223,17 @@ def test_data_order_is_the_same_for_any_split_and_any_start():
     assert positions == list(range(20))
     epoch_one = sorted([i for batch in seen[:2] for i, _ in batch] + [i for i, _ in seen[2][:2]])
     assert epoch_one == list(range(10))  # every sample once per epoch
+
+
+def test_random_full_size_sdxl_is_sdxl_shaped():
+    from gspn_diffusers.adapter import self_attention_layers
+    from gspn_diffusers.distill.models import random_sdxl, sdxl_shape_from_configs
+
+    parts = random_sdxl("full", "meta", torch.bfloat16)  # the architecture only: no memory, no time
+    assert sum(p.numel() for p in parts.unet.parameters()) > 2.5e9 and parts.unet.dtype == torch.bfloat16
+    assert parts.vae.dtype == torch.float32 and len(self_attention_layers(parts.unet)) == 70
+    shape = sdxl_shape_from_configs("full", dict(parts.unet.config), dict(parts.vae.config),
+                                    parts.text_encoder.config.to_dict(), parts.text_encoder_2.config.to_dict())
+    assert shape.vae_scale_factor == 8 and shape.latent_channels == 4
+    ids = parts.tokenizer_2(["a lighthouse"]).input_ids[0]
+    assert max(ids) < parts.text_encoder_2.config.vocab_size and ids[-1] == parts.text_encoder_2.config.eos_token_id
