@@ -19,8 +19,8 @@ def generate_16k():
 
 
 def test_tiny_run_writes_the_image_and_per_stage_timings(generate_16k, tmp_path, capsys):
-    report = generate_16k.main(["--tiny", "--height", "512", "--width", "384", "--steps", "2",
-                                "--vae-tile-size", "128", "--out", str(tmp_path)])
+    (report,) = generate_16k.main(["--tiny", "--height", "512", "--width", "384", "--steps", "2",
+                                   "--vae-tile-size", "128", "--out", str(tmp_path)])
     written = json.loads((tmp_path / "gspn_384x512.json").read_text())
     assert written["stages"] == json.loads(json.dumps(report["stages"]))
     assert [s["stage"] for s in written["stages"]] == [0, 1, "decode"]
@@ -30,9 +30,16 @@ def test_tiny_run_writes_the_image_and_per_stage_timings(generate_16k, tmp_path,
     assert "The image is NOISE" in capsys.readouterr().out
 
 
-def test_softmax_plan_only(generate_16k, tmp_path, capsys):
-    assert generate_16k.main(["--tiny", "--softmax", "--plan-only", "--height", "1024", "--width", "1024",
-                              "--out", str(tmp_path)]) == {}
+def test_softmax_plan_only_for_several_sizes(generate_16k, tmp_path, capsys):
+    assert generate_16k.main(["--tiny", "--softmax", "--plan-only", "--sizes", "1024", "768x512",
+                              "--out", str(tmp_path)]) == [{}, {}]
     out = capsys.readouterr().out
-    assert "softmax attention" in out and "1024x1024" in out
+    assert "softmax attention" in out and "1024x1024" in out and "768x512" in out
     assert not list(tmp_path.iterdir())
+
+
+def test_several_sizes_without_images(generate_16k, tmp_path):
+    reports = generate_16k.main(["--tiny", "--sizes", "256", "384x256", "--steps", "1", "--no-save-image",
+                                 "--out", str(tmp_path)])
+    assert [(r["width"], r["height"]) for r in reports] == [(256, 256), (384, 256)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gspn_256x256.json", "gspn_384x256.json"]
