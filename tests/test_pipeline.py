@@ -172,3 +172,20 @@ def test_a_float16_vae_decodes_in_a_dtype_that_does_not_overflow(pipe):
         assert pipe.vae.dtype == torch.float16  # cast back after the decode
     finally:
         pipe.vae.to(torch.float32)
+
+
+def test_upsample_guidance_pulls_the_stage_towards_the_upsampled_previous_latent(pipe):
+    def run(guidance):
+        base = {}
+
+        def keep_base(p, step, timestep, kwargs):
+            if p.stage_index == 0:
+                base["latents"] = kwargs["latents"]
+            return kwargs
+
+        out = generate(pipe, height=512, width=512, num_inference_steps=8, strength=1.0,
+                       upsample_guidance=guidance, output_type="latent", callback_on_step_end=keep_base)
+        upsampled = torch.nn.functional.interpolate(base["latents"], size=(64, 64), mode="bicubic")
+        return (out.images - upsampled).abs().mean()
+
+    assert run(1.0) < 0.5 * run(0.0)
