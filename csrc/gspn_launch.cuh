@@ -6,6 +6,7 @@
 
 #include "gspn_backward.cuh"
 #include "gspn_forward.cuh"
+#include "gspn_lines.cuh"
 #include "gspn_staged.cuh"
 
 namespace gspn {
@@ -61,23 +62,18 @@ template <typename T>
 cudaError_t launch_forward(const T* x, const T* gates, const T* lam, const T* u, T* y, float* h, Shape s, bool aligned,
                            cudaStream_t stream) {
   const int longest = std::max(s.H, s.W);
-  const int blocks_per_channel_slice = s.B * 4;
   void* args[] = {&x, &gates, &lam, &u, &y, &h, &s};
-  cudaError_t err = cudaSuccess;
-  if (staged_fits<T>(s, 16, aligned)) {
-    const int p = positions_per_thread(longest, kStagedThreads);
-    const int threads = threads_for(longest, p, kStagedThreads);
-    auto smem_for = [&](int cb) { return size_t(2) * (3 + 3 * cb) * 16 * threads + size_t(2) * cb * (longest + 2) * 4; };
-    if (s.block_channels == 2 && smem_for(2) > kSharedLimit) s.block_channels = 1;
-    const int blocks = blocks_per_channel_slice * (s.C / s.block_channels);
-    const size_t smem = smem_for(s.block_channels);
-    GSPN_SWITCH_P(p, GSPN_SWITCH_CB(s.block_channels,
-        if constexpr (16 / P >= 4) err = launch(staged_forward_kernel<T, CB, P>, blocks, threads, smem, stream, args)));
-    return err;
+  // Line-parallel kernel (lines up to ~1200): 4 positions per thread, two tiles of 6 tensors x 16 bytes
+  // per position in shared memory.
+  const int line_threads = ((longest + kLineQ - 1) / kLineQ + 31) / 32 * 32;
+  const size_t line_smem = size_t(2) * 6 * 16 * kLineQ * line_threads + size_t(16) * (line_threads / 32);
+  if (aligned && s.W % (16 / int(sizeof(T))) == 0 && line_smem <= kSharedLimit) {
+    return launch(lines_forward_kernel<T>, s.B * 4 * s.C, line_threads, line_smem, stream, args);
   }
+  cudaError_t err = cudaSuccess;
   const int p = positions_per_thread(longest, kMaxThreads);
   const int threads = threads_for(longest, p, kMaxThreads);
-  const int blocks = blocks_per_channel_slice * (s.C / s.block_channels);
+  const int blocks = s.B * 4 * (s.C / s.block_channels);
   const size_t smem = size_t(2) * s.block_channels * (longest + 2) * sizeof(float);
   GSPN_SWITCH_P(p, GSPN_SWITCH_CB(s.block_channels,
       err = launch(forward_kernel<T, CB, P>, blocks, threads, smem, stream, args)));

@@ -1,13 +1,13 @@
-// Staged GSPN-2 kernels: the fast path for grids whose rows are 16-byte aligned (W a multiple of
-// 16 / sizeof(T)). Same block structure and arithmetic as gspn_forward.cuh / gspn_backward.cuh, but the
-// inputs of each group of VEC scan steps travel global -> shared memory with cp.async, one group ahead
-// of the compute, so DRAM latency overlaps the scan:
+// Staged GSPN-2 backward: the fast path of the backward for grids whose rows are 16-byte aligned (W a
+// multiple of 16 / sizeof(T)). Same block structure and arithmetic as gspn_backward.cuh, but the inputs
+// of each group of VEC scan steps travel global -> shared memory with cp.async, one group ahead of the
+// compute, so DRAM latency overlaps the scan:
 //   columns (d = 0, 1): each thread copies the VEC steps of its own positions (contiguous along w) and
 //                       reads them back as one vector; the scan walks across rows without a strided
 //                       access per step;
 //   rows (d = 2, 3):    the block copies VEC whole rows in 16-byte chunks; threads read their position.
-// Every thread holds 16 / P bytes per position and tensor per group (P positions per thread), so the
-// staging area is 2 x tensors x 16 B x threads whatever the dtype and line length.
+// Every thread holds 8 / P bytes per position and tensor per group (P positions per thread), so the
+// staging area is 2 x tensors x 8 B x threads whatever the dtype and line length.
 #pragma once
 
 #include "gspn_common.cuh"
@@ -28,6 +28,7 @@ __device__ __forceinline__ void cp_async(void* smem_ptr, const void* gmem_ptr) {
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_previous() { asm volatile("cp.async.wait_group 1;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
 // The staging area of one group: NT tensors, each `cap` positions x VEC steps of T.
 //   columns: [tensor][position][step]      rows: [tensor][step][position]
@@ -89,131 +90,6 @@ __device__ __forceinline__ float staged_value(const Pack<T, VEC>& column, const 
                                               bool reversed, int k, int st, int i) {
   if (columns) return to_acc(slot_get<VEC>(column.v, reversed, st));
   return to_acc(stage.tensor(k)[size_t(st) * stage.cap + i]);
-}
-
-template <typename T, int CB, int P>
-__global__ void __launch_bounds__(kStagedThreads)
-    staged_forward_kernel(const T* __restrict__ x, const T* __restrict__ gates, const T* __restrict__ lam,
-                          const T* __restrict__ u, T* __restrict__ y, float* __restrict__ h_out, Shape s) {
-  constexpr int VEC = 16 / P / int(sizeof(T));
-  constexpr int NT = 3 + 3 * CB;  // gate taps 0..2, then x, lam, u of each channel
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int cap = P * blockDim.x;
-  T* staging = reinterpret_cast<T*>(smem_raw);
-  float* lines = reinterpret_cast<float*>(smem_raw + size_t(2) * NT * cap * VEC * sizeof(T));
-  const int row = max(s.H, s.W) + 2;
-
-  int blk = blockIdx.x;
-  const int slices = s.C / CB;
-  const int c0 = (blk % slices) * CB;
-  blk /= slices;
-  const int d = blk % 4;
-  const int b = blk / 4;
-  const int g = c0 / (s.C / s.G);
-  const Lines ln(d, s.H, s.W);
-  const int64_t plane = int64_t(s.H) * s.W;
-  const bool columns = d < 2;
-
-  const T* planes[NT];
-  T* yp[CB];
-  float* hp[CB];
-#pragma unroll
-  for (int k = 0; k < 3; ++k) planes[k] = gates + b * s.gates_batch_stride + ((int64_t(d) * 3 + k) * s.G + g) * plane;
-#pragma unroll
-  for (int j = 0; j < CB; ++j) {
-    const int64_t in_batch = int64_t(d) * s.C + c0 + j;
-    planes[3 + 3 * j] = x + (int64_t(b) * s.C + c0 + j) * plane;
-    planes[4 + 3 * j] = lam + b * s.lam_batch_stride + in_batch * plane;
-    planes[5 + 3 * j] = u ? u + b * s.u_batch_stride + in_batch * plane : nullptr;
-    yp[j] = y + (int64_t(b) * 4 * s.C + in_batch) * plane;
-    hp[j] = h_out ? h_out + (int64_t(b) * 4 * s.C + in_batch) * plane : nullptr;
-  }
-
-  for (int k = threadIdx.x; k < 2 * CB * row; k += blockDim.x) lines[k] = 0.f;
-
-  const int groups = (ln.T + VEC - 1) / VEC;
-  auto stage_of = [&](int grp) { return Stage<T, VEC>{staging + size_t(grp & 1) * NT * cap * VEC, cap}; };
-  stage_group<T, VEC, P, NT>(planes, ln, columns, 0, stage_of(0));
-  cp_async_commit();
-
-  int parity = 0;
-  ChunkPhase phase(0, s.chunk);
-  for (int grp = 0; grp < groups; ++grp) {
-    if (grp + 1 < groups) stage_group<T, VEC, P, NT>(planes, ln, columns, grp + 1, stage_of(grp + 1));
-    cp_async_commit();
-    cp_async_wait_previous();
-    __syncthreads();
-    const Stage<T, VEC> stage = stage_of(grp);
-    const int t0 = grp * VEC;
-
-    Pack<T, VEC> col[P][NT];
-    if (columns) {
-#pragma unroll
-      for (int p = 0; p < P; ++p) {
-        const int i = threadIdx.x + p * blockDim.x;
-        if (i >= ln.L) continue;
-#pragma unroll
-        for (int k = 0; k < NT; ++k)
-          if (planes[k]) col[p][k] = reinterpret_cast<const Pack<T, VEC>*>(stage.tensor(k))[i];
-      }
-    }
-    Pack<T, VEC> y_col[P][CB];
-    Pack<float, VEC> h_col[P][CB];
-
-#pragma unroll
-    for (int st = 0; st < VEC; ++st) {
-      const int t = t0 + st;
-      if (t >= ln.T) break;  // uniform across the block
-      const bool restart = phase.starts();
-      phase.forward();
-      const float* prev = lines + parity * CB * row;
-      float* next = lines + (parity ^ 1) * CB * row;
-#pragma unroll
-      for (int p = 0; p < P; ++p) {
-        const int i = threadIdx.x + p * blockDim.x;
-        if (i >= ln.L) continue;
-        auto value = [&](int k) { return staged_value<T, VEC>(col[p][k], stage, columns, ln.reversed, k, st, i); };
-        float w0 = 0.f, w1 = 0.f, w2 = 0.f;
-        if (!restart) {
-          const Taps<float> taps(value(0), value(1), value(2), i > 0, i < ln.L - 1);
-          w0 = taps.w(0);
-          w1 = taps.w(1);
-          w2 = taps.w(2);
-        }
-#pragma unroll
-        for (int j = 0; j < CB; ++j) {
-          const float* pr = prev + j * row + i;
-          float h = value(4 + 3 * j) * value(3 + 3 * j);
-          if (!restart) h += w0 * pr[0] + w1 * pr[1] + w2 * pr[2];
-          next[j * row + i + 1] = h;
-          const float out = u ? h * value(5 + 3 * j) : h;
-          if (columns) {
-            slot_set<VEC>(y_col[p][j].v, ln.reversed, st, from_acc<T>(out));
-            slot_set<VEC>(h_col[p][j].v, ln.reversed, st, h);
-          } else {
-            yp[j][ln.offset(t, i)] = from_acc<T>(out);
-            if (hp[j]) hp[j][ln.offset(t, i)] = h;
-          }
-        }
-      }
-      __syncthreads();
-      parity ^= 1;
-    }
-
-    if (columns) {
-#pragma unroll
-      for (int p = 0; p < P; ++p) {
-        const int i = threadIdx.x + p * blockDim.x;
-        if (i >= ln.L) continue;
-        const int first = ln.reversed ? ln.offset(t0 + VEC - 1, i) : ln.offset(t0, i);
-#pragma unroll
-        for (int j = 0; j < CB; ++j) {
-          *reinterpret_cast<Pack<T, VEC>*>(yp[j] + first) = y_col[p][j];
-          if (hp[j]) *reinterpret_cast<Pack<float, VEC>*>(hp[j] + first) = h_col[p][j];
-        }
-      }
-    }
-  }
 }
 
 }  // namespace gspn
