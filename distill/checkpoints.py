@@ -93,9 +93,23 @@ def publish_adapter(folder: str | Path, output_dir: str | Path) -> Path:
 
 
 def remove_stale_temporaries(output_dir: str | Path) -> None:
-    """Leftovers of a save that was killed (never read as checkpoints; removed at the next start)."""
+    """Tidy up after a save that was killed (called at the start of a run, main process).
+
+    ``.X.tmp`` folders were never complete: removed. ``.X.old`` is the previous ``X`` moved aside by
+    ``_replace_dir``: put back if the kill came before the new ``X`` was in place, removed otherwise.
+    """
     root = Path(output_dir)
-    if root.is_dir():
-        for child in root.iterdir():
-            if child.name.startswith(".checkpoint-") and child.name.endswith((".tmp", ".old")):
+    if not root.is_dir():
+        return
+    for child in root.iterdir():
+        name = child.name
+        if not name.startswith((".checkpoint-", f".{ADAPTER_FOLDER}.")):
+            continue
+        if name.endswith(".tmp"):
+            shutil.rmtree(child, ignore_errors=True)
+        elif name.endswith(".old"):
+            original = root / name[1:-len(".old")]
+            if original.exists():
                 shutil.rmtree(child, ignore_errors=True)
+            else:
+                os.replace(child, original)

@@ -237,3 +237,12 @@ def test_random_full_size_sdxl_is_sdxl_shaped():
     assert shape.vae_scale_factor == 8 and shape.latent_channels == 4
     ids = parts.tokenizer_2(["a lighthouse"]).input_ids[0]
     assert max(ids) < parts.text_encoder_2.config.vocab_size and ids[-1] == parts.text_encoder_2.config.eos_token_id
+
+
+def test_leftovers_of_a_killed_save_are_tidied(tmp_path):
+    for name in (".checkpoint-4.tmp", ".gspn.tmp", ".gspn.old", ".checkpoint-2.old", "checkpoint-2"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".gspn.old" / "config.json").write_text("{}")  # killed between moving gspn aside and renaming
+    checkpoints.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "gspn"]
+    assert (tmp_path / "gspn" / "config.json").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -43,7 +44,16 @@ def accelerate_launch(tmp_path: Path, *script_args: str) -> subprocess.Completed
     ]
     if prefix[-1] == "accelerate.commands.launch":
         command.remove("launch")
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    # Own session, so that a timeout ends the launcher and both ranks, not just the launcher.
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"accelerate launch did not finish in 600 s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def test_two_processes_agree_with_one(tmp_path, tiny_sdxl_path):
