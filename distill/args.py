@@ -124,7 +124,8 @@ def check_flags(args) -> None:
         raise DistillInputError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
     if not 0 <= args.layerwise_steps <= args.max_train_steps:
         raise DistillInputError(
-            f"--layerwise_steps ({args.layerwise_steps}) must be between 0 and --max_train_steps ({args.max_train_steps})"
+            f"--layerwise_steps ({args.layerwise_steps}) must be between 0 and "
+            f"--max_train_steps ({args.max_train_steps})"
         )
     if args.fidelity_timesteps < 0:
         raise DistillInputError(f"--fidelity_timesteps must be >= 0, got {args.fidelity_timesteps}")

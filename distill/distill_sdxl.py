@@ -124,8 +124,8 @@ class Distiller:
         """Conditioning, latents, per-sample noise and timestep (from the stream positions), noisy latents."""
         args, device, dtype = self.args, self.device, self.weight_dtype
         embeds, pooled = encode_prompts(self.components, batch["prompts"], device)
-        added = dict(text_embeds=pooled.to(dtype),
-                     time_ids=time_ids(batch["original_sizes"], batch["crop_top_lefts"], args.resolution, device, dtype))
+        conditioning = time_ids(batch["original_sizes"], batch["crop_top_lefts"], args.resolution, device, dtype)
+        added = dict(text_embeds=pooled.to(dtype), time_ids=conditioning)
         steps, noises, extras = [], [], []
         for position in batch["positions"]:
             generator = sample_generator(args.seed, position, purpose)
@@ -186,9 +186,9 @@ class Distiller:
                     added_cond_kwargs=inputs["added_cond_kwargs"])
         zero = torch.zeros(inputs["sample"].shape[0], device=self.device)
         if stage == "layerwise":
-            with teacher_mode(self.adapter, unet), self.tap.capture(inputs=True) as teacher, self.accelerator.autocast():
-                unet(call["sample"], call["timestep"], encoder_hidden_states=call["encoder_hidden_states"],
-                     added_cond_kwargs=call["added_cond_kwargs"])
+            autocast = self.accelerator.autocast
+            with teacher_mode(self.adapter, unet), self.tap.capture(inputs=True) as teacher, autocast():
+                unet(**call)
             outputs = self.student("layerwise", tokens=teacher["inputs"], grids=teacher["grids"])
             per_layer = feature_losses(outputs, teacher["outputs"], self.layers)
             feature = per_layer.mean(0)
@@ -197,9 +197,7 @@ class Distiller:
             need_teacher = args.kd_loss_weight > 0 or args.feature_loss_weight > 0
             if need_teacher:
                 with teacher_mode(self.adapter, unet), self.tap.capture() as teacher, self.accelerator.autocast():
-                    teacher_prediction = unet(call["sample"], call["timestep"],
-                                              encoder_hidden_states=call["encoder_hidden_states"],
-                                              added_cond_kwargs=call["added_cond_kwargs"]).sample
+                    teacher_prediction = unet(**call).sample
             prediction, student_features = self.student("unet", **call)
             noise = per_sample_mse(prediction, inputs["target"])
             if need_teacher:
@@ -377,9 +375,8 @@ class Distiller:
                 accelerator.print(f"--max_train_seconds {args.max_train_seconds} reached at step {global_step}")
                 break
         progress.close()
-        report = None
         if last_saved != global_step:
-            report = self.save_checkpoint(global_step)
+            self.save_checkpoint(global_step)
         elif accelerator.is_main_process:
             path = output_dir / f"checkpoint-{global_step}" / checkpoints.ADAPTER_FOLDER
             if path.is_dir():
@@ -391,6 +388,9 @@ class Distiller:
 def write_benchmark(path: str, distiller: Distiller, bench: dict, peaks: list[float]) -> dict:
     args, accelerator = distiller.args, distiller.accelerator
     steps = bench["step_seconds"]
+    if not steps:
+        print(f"benchmark: no step ran (the run was already at step {bench['final_step']}); {path} not written")
+        return {}
     timed = steps[2:] if len(steps) > 4 else steps[1:] or steps  # the first steps build caches and kernels
     median = sorted(timed)[len(timed) // 2]
     data = sorted(bench["data_seconds"][-len(timed):])[len(timed) // 2]
@@ -436,7 +436,8 @@ def main(argv=None) -> Path:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / args.logging_dir)),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO

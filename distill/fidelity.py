@@ -44,7 +44,8 @@ def measure_fidelity(unet, adapter, tap, scheduler, inputs: dict, timesteps: lis
     for step in timesteps:
         t = torch.full((latents.shape[0],), step, device=latents.device, dtype=torch.long)
         noisy = scheduler.add_noise(latents, noise, t).to(inputs["dtype"])
-        call = dict(encoder_hidden_states=inputs["encoder_hidden_states"], added_cond_kwargs=inputs["added_cond_kwargs"])
+        call = dict(encoder_hidden_states=inputs["encoder_hidden_states"],
+                    added_cond_kwargs=inputs["added_cond_kwargs"])
         with teacher_mode(adapter, unet), tap.capture() as teacher, autocast():
             unet(noisy, t, **call)
         with tap.capture() as student, autocast():
@@ -74,7 +75,8 @@ def format_table(report: dict, worst: int = 3) -> str:
     layers = report["layers"]
     ranked = sorted(layers, key=lambda name: layers[name]["relative_l2"], reverse=True)[:worst]
     width = max(len(name) for name in layers)
-    head = f"step {report.get('step', '?')}: fidelity over timesteps {report['timesteps']}, {report['num_samples']} sample(s)"
+    head = (f"step {report.get('step', '?')}: fidelity over timesteps {report['timesteps']}, "
+            f"{report['num_samples']} sample(s)")
     lines = [head, f"{'layer':<{width}}  {'rel L2':>8}  {'cosine':>8}"]
     for name, scores in layers.items():
         mark = "  <<" if name in ranked else ""

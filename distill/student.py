@@ -57,10 +57,7 @@ class GSPNStudent(nn.Module):
             raise RuntimeError("GSPNStudent needs the adapter mounted on the UNet")
         if mode == "unet":
             with tap.capture() as seen:
-                prediction = unet(
-                    inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"],
-                    added_cond_kwargs=inputs["added_cond_kwargs"],
-                ).sample
+                prediction = unet(**inputs).sample  # sample, timestep, encoder_hidden_states, added_cond_kwargs
             return prediction, seen["outputs"]
         if mode == "layerwise":
             outputs = {}
