@@ -246,3 +246,27 @@ def test_leftovers_of_a_killed_save_are_tidied(tmp_path):
     checkpoints.remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "gspn"]
     assert (tmp_path / "gspn" / "config.json").exists()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_noise_loss_target_follows_the_prediction_type(prediction_type):
+    from diffusers import DDPMScheduler
+
+    from gspn_diffusers.distill.losses import prediction_target
+
+    scheduler = DDPMScheduler(prediction_type=prediction_type)
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    target = prediction_target(scheduler, latents, noise, t)
+    alpha = scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    sigma = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    expected = {"epsilon": noise, "v_prediction": alpha * noise - sigma * latents, "sample": latents}[prediction_type]
+    torch.testing.assert_close(target, expected)
+
+
+def test_feature_loss_is_relative_and_per_sample():
+    from gspn_diffusers.distill.losses import relative_feature_loss
+
+    teacher = torch.stack([torch.ones(3, 4), 100 * torch.ones(3, 4)])
+    student = teacher * 1.1  # 10% off in both samples, whatever their scale
+    torch.testing.assert_close(relative_feature_loss(student, teacher), torch.tensor([0.01, 0.01]))
