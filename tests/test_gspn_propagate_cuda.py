@@ -173,6 +173,8 @@ def test_2048_long_float16_scan_stays_finite():
 
 
 def test_opcheck_registered_op():
+    import gspn_diffusers.ops.cuda  # noqa: F401  (registers the ops, also when this test runs alone)
+
     for dtype in DTYPES:
         x, gates, lam, u = make_inputs((2, 4, 2, 7, 9), dtype, seed=SEED)
         for t in (x, gates, lam, u):
