@@ -22,19 +22,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
 from contextlib import contextmanager
-from importlib import resources
 
 import torch
 from diffusers import UNet2DConditionModel
 
 from gspn_diffusers import GSPNAdapter, gspn_propagate
 from gspn_diffusers.adapter import self_attention_layers
-from gspn_diffusers.testing import tiny_unet_config
+from gspn_diffusers.testing import sdxl_config, tiny_unet_config
 
 VARIANTS = ("softmax", "gspn", "floor")
 FULL_SIZES = ("1024", "2048", "4096", "8192")
@@ -57,11 +55,6 @@ def parse_size(text: str) -> tuple[int, int]:
     if size[0] % 8 or size[1] % 8:
         raise argparse.ArgumentTypeError(f"sizes must be multiples of 8 pixels, got {text}")
     return size
-
-
-def sdxl_unet_config() -> dict:
-    text = resources.files("gspn_diffusers.configs").joinpath("sdxl_unet.json").read_text()
-    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 
 def unet_inputs(config: dict, batch: int, size: tuple[int, int], device, dtype) -> dict:
@@ -184,7 +177,7 @@ def load_gspn_backend(device, dtype) -> float:
 
 
 def build(args, device, dtype):
-    config = tiny_unet_config() if args.tiny else sdxl_unet_config()
+    config = tiny_unet_config() if args.tiny else sdxl_config("unet")
     with torch.device(device):
         unet = UNet2DConditionModel(**config)
     if dtype == torch.float16:

@@ -8,10 +8,7 @@ byte-level tokenizers: benchmarks and tests need no download.
 
 from __future__ import annotations
 
-import json
-import tempfile
 from dataclasses import dataclass
-from importlib import resources
 
 import torch
 
@@ -127,58 +124,17 @@ def place(components: SDXLComponents, device, weight_dtype) -> SDXLComponents:
     return components
 
 
-def _config_file(name: str) -> dict:
-    return json.loads(resources.files("gspn_diffusers.configs").joinpath(name).read_text())
-
-
 def random_sdxl(kind: str, device, weight_dtype, seed: int = 0) -> SDXLComponents:
-    """SDXL with random weights, built part by part on ``device`` and cast to ``weight_dtype``.
+    """SDXL with random weights (``gspn_diffusers.testing.random_sdxl_components``), frozen, on ``device``.
 
     kind "full": the SDXL base 1.0 architecture (UNet 2.6B parameters); "tiny": the test-sized one.
-    The tokenizers are byte-level CLIP tokenizers written to a temporary folder; the text encoders'
-    special token ids are set to theirs. The same seed on the same kind of device gives the same
-    weights in every process.
+    The same seed on the same kind of device gives the same weights in every process.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from gspn_diffusers.testing import random_sdxl_components
 
-    from gspn_diffusers.testing import (
-        TINY_TEXT_HIDDEN, sdxl_scheduler, tiny_unet_config, tiny_vae_config, write_byte_tokenizer,
-    )
-
-    scratch = tempfile.mkdtemp(prefix="gspn-random-sdxl-")
-    tokenizer = write_byte_tokenizer(f"{scratch}/tokenizer")
-    tokenizer_2 = write_byte_tokenizer(f"{scratch}/tokenizer_2", pad_token="!")
-    if kind == "full":
-        unet_config = {k: v for k, v in _config_file("sdxl_unet.json").items() if not k.startswith("_")}
-        vae_config = {k: v for k, v in _config_file("sdxl_vae.json").items() if not k.startswith("_")}
-        text_configs = [_config_file("sdxl_text_encoder.json"), _config_file("sdxl_text_encoder_2.json")]
-        for config in text_configs:
-            config.pop("architectures", None)
-            config.pop("model_type", None)
-    elif kind == "tiny":
-        unet_config, vae_config = tiny_unet_config(), tiny_vae_config()
-        tiny_text = dict(hidden_size=TINY_TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77)
-        text_configs = [dict(tiny_text, projection_dim=512), dict(tiny_text, projection_dim=TINY_TEXT_HIDDEN)]
-    else:
-        raise DistillInputError(f"--random_sdxl must be 'full' or 'tiny', got {kind!r}")
-
-    def build(make):
-        with torch.device(device):
-            module = make()  # random init on the device itself, in float32
-        return torch.nn.Module.to(module, dtype=weight_dtype)
-
-    torch.manual_seed(seed)
-    encoders = []
-    for config, cls, tok in zip(text_configs, (CLIPTextModel, CLIPTextModelWithProjection), (tokenizer, tokenizer_2)):
-        config = dict(config, vocab_size=max(config.get("vocab_size", 0), len(tok)),
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        encoders.append(build(lambda: cls(CLIPTextConfig(**config))))
-    unet = build(lambda: UNet2DConditionModel(**unet_config))
-    vae = build(lambda: AutoencoderKL(**vae_config))
-    components = SDXLComponents(unet, vae, encoders[0], encoders[1], tokenizer, tokenizer_2,
-                                dict(sdxl_scheduler().config))
+    parts = random_sdxl_components(kind, device, weight_dtype, seed)
+    components = SDXLComponents(parts["unet"], parts["vae"], parts["text_encoder"], parts["text_encoder_2"],
+                                parts["tokenizer"], parts["tokenizer_2"], dict(parts["scheduler"].config))
     return place(components, device, weight_dtype)
 
 

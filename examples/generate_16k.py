@@ -26,7 +26,6 @@ import datetime
 import json
 import tempfile
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -69,31 +68,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _config(name: str) -> dict:
-    text = resources.files("gspn_diffusers.configs").joinpath(name).read_text()
-    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
-
-
-def random_sdxl(device, dtype, workdir: Path) -> GSPNStableDiffusionXLPipeline:
-    """Full-size SDXL base architecture with random weights, built directly on ``device``."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from gspn_diffusers.testing import sdxl_scheduler, write_byte_tokenizer
-
-    with torch.device(device):
-        unet = UNet2DConditionModel(**_config("sdxl_unet.json"))
-        vae = AutoencoderKL(**_config("sdxl_vae.json"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(_config("sdxl_text_encoder.json")))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(_config("sdxl_text_encoder_2.json")))
-    return GSPNStableDiffusionXLPipeline(
-        vae=vae.to(dtype), text_encoder=text_encoder.to(dtype), text_encoder_2=text_encoder_2.to(dtype),
-        tokenizer=write_byte_tokenizer(workdir / "tokenizer"),
-        tokenizer_2=write_byte_tokenizer(workdir / "tokenizer_2", pad_token="!"),
-        unet=unet.to(dtype), scheduler=sdxl_scheduler(),
-    )
-
-
 def build_pipeline(args, device, dtype, workdir: Path) -> tuple[GSPNStableDiffusionXLPipeline, bool]:
     """(pipeline on ``device`` with the attention asked for, whether its weights are random)."""
     random_weights = args.model is None
@@ -105,7 +79,9 @@ def build_pipeline(args, device, dtype, workdir: Path) -> tuple[GSPNStableDiffus
     elif args.model:
         pipe = GSPNStableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
     else:
-        pipe = random_sdxl(device, dtype, workdir)
+        from gspn_diffusers.testing import random_sdxl_components
+
+        pipe = GSPNStableDiffusionXLPipeline(**random_sdxl_components("full", device, dtype))
 
     if args.softmax:
         if pipe.gspn is not None:

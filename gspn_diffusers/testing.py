@@ -1,15 +1,18 @@
-"""Tiny offline SDXL pipelines for tests, demos and benchmarks.
+"""Offline SDXL pipelines with random weights for tests, demos and benchmarks.
 
 Nothing here downloads anything: the tokenizers are written from a byte-level vocabulary, every model
-gets random weights. The result has SDXL's structure (three UNet levels, no attention at level 0,
-cross-attention transformers at levels 1 and 2, text-time conditioning, two text encoders, a VAE with
-8x compression and 4 latent channels, SDXL's Euler scheduler) at a size that makes a 256x256 image in
-2 steps in about a second on 2 CPU cores.
+gets random weights. ``random_sdxl_components("full", ...)`` builds SDXL base 1.0's architecture from the
+configs shipped in ``gspn_diffusers/configs``. The tiny pipeline (``save_tiny_sdxl``) has SDXL's
+structure (three UNet levels, no attention at level 0, cross-attention transformers at levels 1 and 2,
+text-time conditioning, two text encoders, a VAE with 8x compression and 4 latent channels, SDXL's
+Euler scheduler) at a size that makes a 256x256 image in 2 steps in about a second on 2 CPU cores.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -166,3 +169,61 @@ def save_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
         (scratch / sub).rmdir()
     scratch.rmdir()
     return path
+
+
+def sdxl_config(name: str) -> dict:
+    """Constructor kwargs of a full-size SDXL base 1.0 part from ``gspn_diffusers/configs``.
+
+    name: "unet", "vae", "text_encoder" or "text_encoder_2". The file's bookkeeping keys
+    (``_class_name``, ``architectures``, ``model_type``) are dropped.
+    """
+    text = resources.files("gspn_diffusers.configs").joinpath(f"sdxl_{name}.json").read_text()
+    dropped = ("architectures", "model_type")
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_") and k not in dropped}
+
+
+def random_sdxl_components(kind: str, device, dtype: torch.dtype, seed: int = 0) -> dict:
+    """The components of an SDXL pipeline with random weights, built directly on ``device`` in ``dtype``.
+
+    kind "full": SDXL base 1.0's architecture (a 2.6B-parameter UNet; on a GPU this takes seconds,
+    building on the CPU first would take minutes); "tiny": the test-sized one of ``save_tiny_sdxl``.
+    Returns the keyword arguments of ``StableDiffusionXLPipeline`` (vae, text_encoder, text_encoder_2,
+    tokenizer, tokenizer_2, unet, scheduler). The tokenizers are byte-level CLIP tokenizers written to a
+    temporary folder, and the text encoders take their vocabulary size and special token ids. The same
+    seed on the same kind of device gives the same weights.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if kind not in ("full", "tiny"):
+        raise ValueError(f"kind must be 'full' or 'tiny', got {kind!r}")
+    scratch = tempfile.mkdtemp(prefix="gspn-random-sdxl-")
+    tokenizers = (write_byte_tokenizer(f"{scratch}/tokenizer"),
+                  write_byte_tokenizer(f"{scratch}/tokenizer_2", pad_token="!"))
+    if kind == "full":
+        unet_config, vae_config = sdxl_config("unet"), sdxl_config("vae")
+        text_configs = []
+        for name, tok in zip(("text_encoder", "text_encoder_2"), tokenizers):
+            config = sdxl_config(name)
+            text_configs.append(CLIPTextConfig(**dict(
+                config, vocab_size=max(config["vocab_size"], len(tok)), bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)))
+    else:
+        unet_config, vae_config = tiny_unet_config(), tiny_vae_config()
+        text_configs = [
+            _text_encoder_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, projection)
+            for tok, projection in zip(tokenizers, (False, True))
+        ]
+
+    def build(make):
+        with torch.device(device):
+            module = make()  # random init on the device itself, in float32
+        return torch.nn.Module.to(module, dtype=dtype)
+
+    torch.manual_seed(seed)
+    text_encoder = build(lambda: CLIPTextModel(text_configs[0]))
+    text_encoder_2 = build(lambda: CLIPTextModelWithProjection(text_configs[1]))
+    unet = build(lambda: UNet2DConditionModel(**unet_config))
+    vae = build(lambda: AutoencoderKL(**vae_config))
+    return dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizers[0],
+                tokenizer_2=tokenizers[1], unet=unet, scheduler=sdxl_scheduler())
