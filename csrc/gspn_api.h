@@ -15,6 +15,7 @@ struct Shape {
   int chunk;           // lines per chunk; a value above max(H, W) means global propagation
   int block_channels;  // channels one block scans together (1 or 2); divides C / G
   long long gates_batch_stride, lam_batch_stride, u_batch_stride;  // in elements
+  int column_span = 0;  // line-parallel forward: 16-byte vectors per row a column group moves; 0: auto
 };
 
 // y = u * h (y = h when u is null); h_out (may be null) receives the state h in float32, for the

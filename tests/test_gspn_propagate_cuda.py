@@ -17,7 +17,8 @@ pytestmark = pytest.mark.cuda
 SEED = int(time.time() * 1000) % 2**31
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (B, C, G, H, W): odd sizes, H != W, lines of length 1, every kind of gate grouping. Widths that are
-# multiples of 8 take the staged (cp.async) kernels, the others the generic ones.
+# multiples of 8 take the staged (cp.async) kernels, the others the generic ones. Columns of up to 64,
+# 200 and 520 positions take the line-parallel forward with 4, 2 and 1 vectors per column group.
 SHAPES = [
     (2, 6, 3, 5, 8),
     (1, 4, 1, 33, 16),
@@ -31,6 +32,8 @@ SHAPES = [
     (3, 4, 2, 33, 17),
     (1, 6, 3, 64, 40),
     (2, 16, 1, 40, 64),
+    (1, 2, 1, 200, 24),
+    (1, 4, 2, 520, 16),
 ]
 CHUNKS = [None, 1, 3, 8, 100]
 
