@@ -8,14 +8,12 @@ timed from a CUDA graph (GPU time only); the reference eagerly, as a user runs i
 
     python benchmarks/bench_op.py                 # all cases
     python benchmarks/bench_op.py --quick         # a short subset
-    python benchmarks/bench_op.py --sweep         # also every block-channel setting
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import statistics
 import sys
 
@@ -149,7 +147,6 @@ def print_table(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short subset of the cases")
-    parser.add_argument("--sweep", action="store_true", help="every block-channel setting for each case")
     parser.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference timings")
     args = parser.parse_args()
 
@@ -158,27 +155,15 @@ def main():
     print(f"{datetime.date.today()} {device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     print(f"device copy bandwidth (read + write): {copy_bw / 1e12:.2f} TB/s")
     rows = []
-    settings = [("", "")] + ([("1", "1"), ("2", "2")] if args.sweep else [])
     for name, shape, dtype, chunk, with_u in CASES:
         if args.quick and name not in QUICK:
             continue
-        for fwd_cb, bwd_cb in settings:
-            label = name + (f" cb{fwd_cb}" if fwd_cb else "")
-            if fwd_cb:
-                if (shape[1] // shape[2]) % int(fwd_cb):
-                    continue
-                os.environ["GSPN_BLOCK_CHANNELS"] = fwd_cb
-                os.environ["GSPN_BACKWARD_BLOCK_CHANNELS"] = bwd_cb
-            else:
-                os.environ.pop("GSPN_BLOCK_CHANNELS", None)
-                os.environ.pop("GSPN_BACKWARD_BLOCK_CHANNELS", None)
-            try:
-                rows.append(run_case(label, shape, dtype, chunk, with_u, copy_bw,
-                                     with_reference=not args.no_reference and not fwd_cb))
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                print(f"{label}: out of memory")
-            print(rows[-1] if rows else "", flush=True)
+        try:
+            rows.append(run_case(name, shape, dtype, chunk, with_u, copy_bw, with_reference=not args.no_reference))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            print(f"{name}: out of memory")
+        print(rows[-1] if rows else "", flush=True)
     print()
     print_table(rows)
 

@@ -13,7 +13,6 @@ constexpr int kMaxLine = 8 * kMaxThreads;  // longest line: 8 positions per thre
 struct Shape {
   int B, C, H, W, G;
   int chunk;           // lines per chunk; a value above max(H, W) means global propagation
-  int block_channels;  // channels one block scans together (1 or 2); divides C / G
   long long gates_batch_stride, lam_batch_stride, u_batch_stride;  // in elements
   int column_span = 0;  // line-parallel forward: 16-byte vectors per row a column group moves; 0: auto
 };

@@ -34,7 +34,7 @@ bool aligned16(std::initializer_list<const Tensor*> tensors) {
 }
 
 gspn::Shape make_shape(const Tensor& x, const Tensor& gates, const Tensor& lam, const c10::optional<Tensor>& u,
-                       int64_t chunk, int64_t block_channels) {
+                       int64_t chunk) {
   gspn::Shape s;
   s.B = int(x.size(0));
   s.C = int(x.size(1));
@@ -42,11 +42,8 @@ gspn::Shape make_shape(const Tensor& x, const Tensor& gates, const Tensor& lam, 
   s.W = int(x.size(3));
   s.G = int(gates.size(3));
   s.chunk = int(std::min<int64_t>(chunk, 1 << 30));
-  s.block_channels = int(block_channels);
   TORCH_CHECK(std::max(s.H, s.W) <= gspn::kMaxLine, "gspn_propagate: the CUDA kernels scan lines of at most ",
               gspn::kMaxLine, " positions, got H=", s.H, ", W=", s.W, "; use backend=\"reference\"");
-  TORCH_CHECK(block_channels == 1 || block_channels == 2, "gspn: block_channels must be 1 or 2");
-  TORCH_CHECK((s.C / s.G) % s.block_channels == 0, "gspn: block_channels must divide C / G");
   s.gates_batch_stride = batch_stride(gates, "gates");
   s.lam_batch_stride = batch_stride(lam, "lam");
   s.u_batch_stride = u ? batch_stride(*u, "u") : 0;
@@ -72,10 +69,10 @@ void check_launch(cudaError_t err) {
 }
 
 std::vector<Tensor> forward(const Tensor& x, const Tensor& gates, const Tensor& lam, const c10::optional<Tensor>& u,
-                            int64_t chunk, bool save_state, int64_t block_channels) {
+                            int64_t chunk, bool save_state) {
   check_cuda(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  const gspn::Shape s = make_shape(x, gates, lam, u, chunk, block_channels);
+  const gspn::Shape s = make_shape(x, gates, lam, u, chunk);
   Tensor y = at::empty({s.B, 4, s.C, s.H, s.W}, x.options());
   const auto f32 = x.options().dtype(at::kFloat);
   Tensor h = save_state ? at::empty(y.sizes(), f32) : at::empty({0}, f32);
@@ -90,11 +87,10 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& gates, const Tensor& 
 }
 
 std::vector<Tensor> backward(const Tensor& gy, const Tensor& x, const Tensor& gates, const Tensor& lam,
-                             const c10::optional<Tensor>& u, const Tensor& state, int64_t chunk,
-                             int64_t block_channels) {
+                             const c10::optional<Tensor>& u, const Tensor& state, int64_t chunk) {
   for (auto* t : {&gy, &x, &state}) check_cuda(*t, "gy, x and state");
   const c10::cuda::CUDAGuard guard(x.device());
-  const gspn::Shape s = make_shape(x, gates, lam, u, chunk, block_channels);
+  const gspn::Shape s = make_shape(x, gates, lam, u, chunk);
   TORCH_CHECK(state.numel() == gy.numel() && state.scalar_type() == at::kFloat,
               "gspn: the forward state was not saved; run the forward with grad enabled");
   const auto f32 = x.options().dtype(at::kFloat);

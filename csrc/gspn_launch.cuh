@@ -42,12 +42,6 @@ cudaError_t launch(Kernel kernel, int blocks, int threads, size_t smem, cudaStre
     default: { constexpr int P = 8; __VA_ARGS__; break; } \
   }
 
-#define GSPN_SWITCH_CB(CB_VALUE, ...)                      \
-  switch (CB_VALUE) {                                      \
-    case 2: { constexpr int CB = 2; __VA_ARGS__; break; }  \
-    default: { constexpr int CB = 1; __VA_ARGS__; break; } \
-  }
-
 // The staged kernels need rows of whole 16-byte chunks, lines of at most 4096 positions and, per group,
 // copies of at least 4 bytes (cp.async's smallest) per thread, position and tensor (vector_bytes / P).
 template <typename T>
@@ -81,13 +75,14 @@ cudaError_t launch_forward(const T* x, const T* gates, const T* lam, const T* u,
   cudaError_t err = cudaSuccess;
   const int p = positions_per_thread(longest, kMaxThreads);
   const int threads = threads_for(longest, p, kMaxThreads);
-  const int blocks = s.B * 4 * (s.C / s.block_channels);
-  const size_t smem = size_t(2) * s.block_channels * (longest + 2) * sizeof(float);
-  GSPN_SWITCH_P(p, GSPN_SWITCH_CB(s.block_channels,
-      err = launch(forward_kernel<T, CB, P>, blocks, threads, smem, stream, args)));
+  const size_t smem = size_t(2) * (longest + 2) * sizeof(float);
+  GSPN_SWITCH_P(p, err = launch(forward_kernel<T, 1, P>, s.B * 4 * s.C, threads, smem, stream, args));
   return err;
 }
 
+// The generic and staged kernels can scan CB channels of a gate group per block (sharing the gate loads);
+// the launchers use one: two halved the blocks per multiprocessor and measured 1.0-2.0x slower on an H100
+// (SDXL backward, 4K level 1: 2.49 -> 4.56 ms; 16K level 2: 21.5 -> 30.2 ms; paper shape G=1: equal).
 template <typename T>
 cudaError_t launch_backward(const T* gy, const T* x, const T* gates, const T* lam, const T* u, const float* h,
                             float* gx_dir, float* ggates, T* glam, T* gu, Shape s, bool aligned, cudaStream_t stream) {
@@ -97,25 +92,18 @@ cudaError_t launch_backward(const T* gy, const T* x, const T* gates, const T* la
   if (staged_fits<T>(s, 8, aligned)) {
     const int p = positions_per_thread(longest, kStagedThreads);
     const int threads = threads_for(longest, p, kStagedThreads);
-    // per thread and stage: 8 / P bytes of each T tensor, the float32 state at the same steps
+    // two stages of, per thread, 8 / P bytes of each of the 7 T tensors and the float32 state at the same
+    // steps; then the 9 line buffers
     const int state_bytes = 8 / p / int(sizeof(T)) * 4 * p;
-    auto smem_for = [&](int cb) {
-      return size_t(2) * ((3 + 4 * cb) * 8 + cb * state_bytes) * threads + size_t(3 * cb + 6) * (longest + 2) * 4;
-    };
-    if (s.block_channels == 2 && smem_for(2) > kSharedLimit) s.block_channels = 1;
-    const int blocks = s.B * 4 * (s.C / s.block_channels);
-    const size_t smem = smem_for(s.block_channels);
-    GSPN_SWITCH_P(p, GSPN_SWITCH_CB(s.block_channels,
-        if constexpr (8 / P >= 4)
-            err = launch(staged_backward_kernel<T, CB, P>, blocks, threads, smem, stream, args)));
+    const size_t smem = size_t(2) * (7 * 8 + state_bytes) * threads + size_t(9) * (longest + 2) * 4;
+    GSPN_SWITCH_P(p, if constexpr (8 / P >= 4) err = launch(staged_backward_kernel<T, 1, P>, s.B * 4 * s.C, threads,
+                                                            smem, stream, args));
     return err;
   }
   const int p = positions_per_thread(longest, kMaxThreads);
   const int threads = threads_for(longest, p, kMaxThreads);
-  const int blocks = s.B * 4 * (s.C / s.block_channels);
-  const size_t smem = size_t(3 * s.block_channels + 6) * (longest + 2) * sizeof(float);
-  GSPN_SWITCH_P(p, GSPN_SWITCH_CB(s.block_channels,
-      err = launch(backward_kernel<T, CB, P>, blocks, threads, smem, stream, args)));
+  const size_t smem = size_t(9) * (longest + 2) * sizeof(float);
+  GSPN_SWITCH_P(p, err = launch(backward_kernel<T, 1, P>, s.B * 4 * s.C, threads, smem, stream, args));
   return err;
 }
 

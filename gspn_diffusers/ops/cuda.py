@@ -8,8 +8,6 @@ the backward's gate gradients take differences of products of h, which a 16-bit 
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -18,24 +16,12 @@ from .build import load_extension
 _GLOBAL = 1 << 30  # a chunk longer than any line: global propagation
 
 
-def block_channels(backward: bool) -> int:
-    """Channels one block scans together: 1, unless GSPN_[BACKWARD_]BLOCK_CHANNELS says 2 (benchmarks).
-
-    Two channels per block share their gate loads but double the block's shared memory, and on an H100
-    the lost occupancy costs more: the backward of the SDXL shapes takes 1.0-2.0x longer with 2 (4K
-    level 1: 2.49 -> 4.56 ms; 16K level 2: 21.5 -> 30.2 ms; the paper shape with G=1: equal).
-    """
-    override = os.environ.get("GSPN_BACKWARD_BLOCK_CHANNELS" if backward else "GSPN_BLOCK_CHANNELS")
-    return int(override) if override else 1
-
-
 @torch.library.custom_op("gspn_diffusers::propagate", mutates_args=(), device_types="cuda")
 def propagate(
     x: Tensor, gates: Tensor, lam: Tensor, u: Tensor | None, chunk_size: int, save_state: bool
 ) -> tuple[Tensor, Tensor]:
     """Fused forward: (y, state); state is the float32 h when ``save_state``, else empty."""
-    cb = block_channels(backward=False)
-    y, state = load_extension().forward(x, gates, lam, u, chunk_size, save_state, cb)
+    y, state = load_extension().forward(x, gates, lam, u, chunk_size, save_state)
     return y, state
 
 
@@ -52,8 +38,7 @@ def propagate_backward(
     grad_y: Tensor, x: Tensor, gates: Tensor, lam: Tensor, u: Tensor | None, state: Tensor, chunk_size: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused backward: (grad_x, grad_gates, grad_lam, grad_u); grad_u is empty when u is None."""
-    cb = block_channels(backward=True)
-    gx, ggates, glam, gu = load_extension().backward(grad_y, x, gates, lam, u, state, chunk_size, cb)
+    gx, ggates, glam, gu = load_extension().backward(grad_y, x, gates, lam, u, state, chunk_size)
     return gx, ggates, glam, gu
 
 
