@@ -14,21 +14,20 @@ struct Shape {
   int B, C, H, W, G;
   int chunk;           // lines per chunk; a value above max(H, W) means global propagation
   long long gates_batch_stride, lam_batch_stride, u_batch_stride;  // in elements
-  int column_span = 0;  // line-parallel forward: 16-byte vectors per row a column group moves; 0: auto
 };
 
 // y = u * h (y = h when u is null); h_out (may be null) receives the state h in float32, for the
-// backward. `aligned`: every pointer is 16-byte aligned (the staged kernels need it).
+// backward. `aligned`: every pointer is 16-byte aligned (the line-parallel kernels need it).
 template <typename T>
 cudaError_t launch_forward(const T* x, const T* gates, const T* lam, const T* u, T* y, float* h_out, Shape s,
                            bool aligned, cudaStream_t stream);
 
-// h is the forward's float32 state. gx_dir: float32 (B, 4, C, H, W), gradient of x per
-// direction; ggates: float32 (B, 4, 3, G, H, W), zero-filled when a gate group has more than one channel
-// (its blocks then add into it).
+// The backward: gh (float32, (B, 4, C, H, W)) is scratch for the adjoint state; gx takes x's shape and
+// dtype, ggates is float32 (B, 4, 3, G, H, W), glam and gu (null when u is) lam's shape. h is the
+// forward's float32 state.
 template <typename T>
 cudaError_t launch_backward(const T* gy, const T* x, const T* gates, const T* lam, const T* u, const float* h,
-                            float* gx_dir, float* ggates, T* glam, T* gu, Shape s, bool aligned,
+                            float* gh, T* gx, float* ggates, T* glam, T* gu, Shape s, bool aligned,
                             cudaStream_t stream);
 
 }  // namespace gspn

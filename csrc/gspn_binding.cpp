@@ -94,21 +94,21 @@ std::vector<Tensor> backward(const Tensor& gy, const Tensor& x, const Tensor& ga
   TORCH_CHECK(state.numel() == gy.numel() && state.scalar_type() == at::kFloat,
               "gspn: the forward state was not saved; run the forward with grad enabled");
   const auto f32 = x.options().dtype(at::kFloat);
-  Tensor gx_dir = at::empty({s.B, 4, s.C, s.H, s.W}, f32);
-  const std::vector<int64_t> gate_shape = {s.B, 4, 3, s.G, s.H, s.W};
-  Tensor ggates = s.C / s.G > 1 ? at::zeros(gate_shape, f32) : at::empty(gate_shape, f32);
+  Tensor gh = at::empty({s.B, 4, s.C, s.H, s.W}, f32);  // the adjoint state, scratch
+  Tensor gx = at::empty({s.B, s.C, s.H, s.W}, x.options());
+  Tensor ggates = at::empty({s.B, 4, 3, s.G, s.H, s.W}, f32);
   Tensor glam = at::empty({s.B, 4, s.C, s.H, s.W}, lam.options());
   Tensor gu = u ? at::empty({s.B, 4, s.C, s.H, s.W}, u->options()) : at::empty({0}, x.options());
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const bool aligned = aligned16({&gy, &x, &gates, &lam, u ? &*u : &x, &state, &gx_dir, &ggates, &glam, &gu});
+    const bool aligned = aligned16({&gy, &gates, u ? &*u : &gy, &gh});  // what the adjoint scan stages
     check_launch(gspn::launch_backward<T>(ptr<T>(gy), ptr<T>(x), ptr<T>(gates), ptr<T>(lam),
-                                          u ? ptr<T>(*u) : nullptr, ptr<float>(state), mut_ptr<float>(gx_dir),
-                                          mut_ptr<float>(ggates), mut_ptr<T>(glam), u ? mut_ptr<T>(gu) : nullptr,
-                                          s, aligned, stream));
+                                          u ? ptr<T>(*u) : nullptr, ptr<float>(state), mut_ptr<float>(gh),
+                                          mut_ptr<T>(gx), mut_ptr<float>(ggates), mut_ptr<T>(glam),
+                                          u ? mut_ptr<T>(gu) : nullptr, s, aligned, stream));
   });
-  return {gx_dir.sum(1).to(x.scalar_type()), ggates.to(gates.scalar_type()), glam, gu};
+  return {gx, ggates.to(gates.scalar_type()), glam, gu};
 }
 
 }  // namespace

@@ -18,9 +18,9 @@ namespace gspn {
 struct Lines {
   int T, L;
   int stride_i, stride_t;  // offsets inside one plane fit in 32 bits (lines of at most 4096)
-  bool reversed;
+  bool columns, reversed;
   __device__ __forceinline__ Lines(int d, int H, int W) {
-    const bool columns = d < 2;
+    columns = d < 2;
     T = columns ? W : H;
     L = columns ? H : W;
     stride_i = columns ? W : 1;
@@ -29,6 +29,12 @@ struct Lines {
   }
   __device__ __forceinline__ int offset(int t, int i) const {
     return i * stride_i + (reversed ? T - 1 - t : t) * stride_t;
+  }
+  // Scan index t and line index i of the element at row hh, column ww (the inverse of offset).
+  __device__ __forceinline__ void locate(int hh, int ww, int& t, int& i) const {
+    i = columns ? hh : ww;
+    t = columns ? ww : hh;
+    if (reversed) t = T - 1 - t;
   }
 };
 

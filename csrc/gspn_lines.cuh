@@ -1,11 +1,17 @@
-// Line-parallel forward scan: the fast path of the forward for 16-byte-aligned grids with lines of at
-// most kLineMaxThreads * kLineQ positions.
+// Line-parallel scans: the fast path for 16-byte-aligned grids with lines of at most
+// kLineMaxThreads * kLineQ positions, of both the forward scan and the backward's adjoint scan.
+//
+// Forward:  h_t[i] = lam x + m_t sum_k w_k[t, i] h_{t-1}[i+k-1]; writes y = u h (and h in float32).
+// Adjoint:  the same line geometry scanned in reverse, gh_t[i] = u gy + sum of what line t+1 sends:
+//           position i' of line t+1 sends m_{t+1} w_k[t+1, i'] gh_{t+1}[i'] to i = i'+k-1 (the
+//           transpose of the forward's stencil); writes gh in float32. gspn_gradients.cuh turns gh
+//           into every input's gradient.
 //
 // A block scans the lines of one (batch, direction, channel); thread k owns Q = 4 consecutive positions
 // 4k .. 4k+3 of a line and keeps their state in registers. Neighbours inside a warp come by shuffle;
 // only the two edge values of each warp go through shared memory (one barrier per step). Inputs travel
-// in groups of span x VEC scan steps (VEC = 16 / sizeof(T), span = Shape::column_span), double-buffered
-// with cp.async:
+// in groups of span x VEC scan steps (VEC = 16 / sizeof(T), span = column_span(blockDim.x)),
+// double-buffered with cp.async:
 //   rows (d = 2, 3):    the block copies the group's rows into a shared tile [tensor][step][position], so
 //                       a step reads its four positions with one vector load per tensor;
 //   columns (d = 0, 1): the steps of one position are contiguous: span 16-byte vectors per position and
@@ -15,17 +21,32 @@
 //                       16-byte vectors per position.
 #pragma once
 
-#include "gspn_staged.cuh"
+#include "gspn_common.cuh"
 
 namespace gspn {
+
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* smem_ptr, const void* gmem_ptr) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_ptr));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], %2;\n" ::"r"(dst), "l"(gmem_ptr), "n"(BYTES));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
 constexpr int kLineQ = 4;
 constexpr int kLineMaxThreads = 256;  // lines of up to 1024 positions
 
+// 16-byte vectors per position and tensor that a column group moves, measured on an H100: column scans
+// that read 16 bytes per row and tensor at a time get ~25% of the DRAM bandwidth, 32 bytes ~50%, 64
+// bytes ~95%; but a wider group takes shared memory that would hold more blocks per multiprocessor,
+// which the row scans need. Two vectors win for lines of up to 512 positions (SDXL 8K level 1: 2.11 ->
+// 1.79 ms), four lose everywhere.
+__host__ __device__ constexpr int column_span(int threads) { return threads <= 128 ? 2 : 1; }
+
 // Shared memory of lines_forward_kernel: two stages of 6 tensors x span x 16 bytes per position, then
 // the warp edges.
-inline size_t lines_smem(int threads, int span) {
-  return size_t(2) * 6 * 16 * kLineQ * threads * span + size_t(16) * (threads / 32);
+inline size_t lines_smem(int threads) {
+  return size_t(2) * 6 * 16 * kLineQ * threads * column_span(threads) + size_t(16) * (threads / 32);
 }
 
 template <typename T, int N>
@@ -61,6 +82,34 @@ __device__ __forceinline__ void propagate_quad(float (&next)[kLineQ], const floa
   }
 }
 
+// Adjoint step: gh[q] += what the previous line sends to this quad; m0, m1, m2 are this quad's own
+// sends (m_k[q] goes to position q + k - 1), `left` the left neighbour's m2 and `right` the right
+// neighbour's m0.
+__device__ __forceinline__ void gather_quad(float (&gh)[kLineQ], const float (&m0)[kLineQ], const float (&m1)[kLineQ],
+                                            const float (&m2)[kLineQ], float left, float right) {
+#pragma unroll
+  for (int q = 0; q < kLineQ; ++q) gh[q] += m1[q] + (q + 1 < kLineQ ? m0[q + 1] : right) + (q > 0 ? m2[q - 1] : left);
+}
+
+// What this quad sends to the next line of the adjoint scan: m_k[q] = w_k gh[q] (zero where a chunk starts).
+__device__ __forceinline__ void scatter_quad(float (&m0)[kLineQ], float (&m1)[kLineQ], float (&m2)[kLineQ],
+                                             const float (&gh)[kLineQ], const float (&g0)[kLineQ],
+                                             const float (&g1)[kLineQ], const float (&g2)[kLineQ], int i0, int L,
+                                             bool restart) {
+#pragma unroll
+  for (int q = 0; q < kLineQ; ++q) {
+    const int i = i0 + q;
+    if (restart || i >= L) {  // nothing crosses a chunk start; positions past the line stay silent
+      m0[q] = m1[q] = m2[q] = 0.f;
+      continue;
+    }
+    const Taps<float> taps(g0[q], g1[q], g2[q], i > 0, i < L - 1);
+    m0[q] = taps.w(0) * gh[q];
+    m1[q] = taps.w(1) * gh[q];
+    m2[q] = taps.w(2) * gh[q];
+  }
+}
+
 // Edge values between the warps of the block, double-buffered by step parity: [2][warps][left, right].
 struct WarpEdges {
   float* edges;
@@ -80,17 +129,20 @@ struct WarpEdges {
   }
 };
 
-template <typename T>
+// Forward (kAdjoint = false): x, lam, u as in the op; writes y = u h and, when `state` is not null, h.
+// Adjoint (kAdjoint = true): x is grad_y (B, 4, C, H, W), u the op's u (may be null), lam and y unused;
+// writes gh to `state`.
+template <typename T, bool kAdjoint>
 __global__ void __launch_bounds__(kLineMaxThreads)
-    lines_forward_kernel(const T* __restrict__ x, const T* __restrict__ gates, const T* __restrict__ lam,
-                         const T* __restrict__ u, T* __restrict__ y, float* __restrict__ h_out, Shape s) {
+    lines_scan_kernel(const T* __restrict__ x, const T* __restrict__ gates, const T* __restrict__ lam,
+                      const T* __restrict__ u, T* __restrict__ y, float* __restrict__ state, Shape s) {
   constexpr int VEC = 16 / int(sizeof(T));
-  constexpr int NT = 6;  // staged tensors: gate taps 0..2, x, lam, u
+  constexpr int NT = 6;  // staged tensors: gate taps 0..2; the two factors of the step input a; u
   enum { G0 = 0, G1 = 1, G2 = 2, XS = 3, LAMS = 4, US = 5 };
   using Vec = Pack<T, VEC>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int cap = kLineQ * blockDim.x;
-  const int span = s.column_span;             // 16-byte vectors per position and tensor in a group
+  const int span = column_span(blockDim.x);  // 16-byte vectors per position and tensor in a group
   const int steps_per_group = span * VEC;
   const size_t buffer = size_t(NT) * steps_per_group * cap;  // elements of one stage (either layout)
   T* buffers = reinterpret_cast<T*>(smem_raw);
@@ -103,27 +155,62 @@ __global__ void __launch_bounds__(kLineMaxThreads)
   const int d = blk % 4;
   const int b = blk / 4;
   const int g = c / (s.C / s.G);
-  const Lines ln(d, s.H, s.W);
+  const Lines ln(kAdjoint ? d ^ 1 : d, s.H, s.W);  // the adjoint walks the same lines in reverse
   const int64_t plane = int64_t(s.H) * s.W;
   const int64_t out_plane = ((int64_t(b) * 4 + d) * s.C + c) * plane;
 
+  // Step input a = planes[XS] * planes[LAMS]: lam x forward, u gy (or gy) in the adjoint.
   const T* planes[NT];
 #pragma unroll
   for (int k = 0; k < 3; ++k) planes[k] = gates + b * s.gates_batch_stride + ((int64_t(d) * 3 + k) * s.G + g) * plane;
-  planes[XS] = x + (int64_t(b) * s.C + c) * plane;
-  planes[LAMS] = lam + b * s.lam_batch_stride + (int64_t(d) * s.C + c) * plane;
-  planes[US] = u ? u + b * s.u_batch_stride + (int64_t(d) * s.C + c) * plane : nullptr;
-  T* yp = y + out_plane;
-  float* hp = h_out ? h_out + out_plane : nullptr;
+  const T* u_plane = u ? u + b * s.u_batch_stride + (int64_t(d) * s.C + c) * plane : nullptr;
+  if constexpr (kAdjoint) {
+    planes[XS] = x + out_plane;
+    planes[LAMS] = u_plane;
+    planes[US] = nullptr;
+  } else {
+    planes[XS] = x + (int64_t(b) * s.C + c) * plane;
+    planes[LAMS] = lam + b * s.lam_batch_stride + (int64_t(d) * s.C + c) * plane;
+    planes[US] = u_plane;
+  }
+  T* yp = kAdjoint ? nullptr : y + out_plane;
+  float* hp = state ? state + out_plane : nullptr;
 
   for (int k = threadIdx.x; k < 4 * ex.warps; k += blockDim.x) ex.edges[k] = 0.f;
 
   const int groups = (ln.T + steps_per_group - 1) / steps_per_group;
   const int i0 = kLineQ * threadIdx.x;  // first of this thread's positions
   const bool active = i0 < ln.L;        // rows: L = W is a multiple of VEC, so quads are whole
-  float h[kLineQ] = {0.f, 0.f, 0.f, 0.f};
+  float h[kLineQ] = {0.f, 0.f, 0.f, 0.f};  // the state of the last line: h, or gh in the adjoint
+  float m0[kLineQ] = {0.f, 0.f, 0.f, 0.f}, m1[kLineQ] = {0.f, 0.f, 0.f, 0.f}, m2[kLineQ] = {0.f, 0.f, 0.f, 0.f};
   int parity = 0;
-  ChunkPhase phase(0, s.chunk);
+  ChunkPhase phase(kAdjoint ? ln.T - 1 : 0, s.chunk);  // follows the forward's scan index
+
+  // One scan step of this thread's quad: `a` holds the step's input; h becomes the new line's state.
+  auto advance = [&](float (&a)[kLineQ], const float (&g0)[kLineQ], const float (&g1)[kLineQ],
+                     const float (&g2)[kLineQ]) {
+    const bool restart = phase.starts();  // forward: nothing arrives; adjoint: nothing leaves
+    float left, right;
+    if constexpr (kAdjoint) {
+      phase.backward();
+      const float arrived[kLineQ] = {m0[0], 0.f, 0.f, m2[kLineQ - 1]};  // the quad's edges, as neighbours see them
+      ex.neighbours(arrived, parity, left, right);
+      gather_quad(a, m0, m1, m2, left, right);
+#pragma unroll
+      for (int q = 0; q < kLineQ; ++q) h[q] = (i0 + q < ln.L) ? a[q] : 0.f;
+      scatter_quad(m0, m1, m2, h, g0, g1, g2, i0, ln.L, restart);
+      const float sent[kLineQ] = {m0[0], 0.f, 0.f, m2[kLineQ - 1]};
+      ex.publish(sent, parity);
+    } else {
+      phase.forward();
+      ex.neighbours(h, parity, left, right);
+      if (!restart) propagate_quad(a, h, left, right, g0, g1, g2, i0, ln.L);
+#pragma unroll
+      for (int q = 0; q < kLineQ; ++q) h[q] = (i0 + q < ln.L) ? a[q] : 0.f;  // positions past the line stay zero
+      ex.publish(h, parity);
+    }
+    parity ^= 1;
+  };
 
   if (d < 2) {
     // Columns. A group is `span` vectors of VEC steps per position and tensor: contiguous in memory, so
@@ -151,8 +238,8 @@ __global__ void __launch_bounds__(kLineMaxThreads)
         }
       }
     };
-    // d = 1 walks each vector from its end: the body is compiled once per order so that every register
-    // index stays a compile-time constant.
+    // Reversed lines walk each vector from its end: the body is compiled once per order so that every
+    // register index stays a compile-time constant.
     auto scan = [&](auto reversed_flag) {
       constexpr bool kReversed = decltype(reversed_flag)::value;
       stage(0);
@@ -170,32 +257,27 @@ __global__ void __launch_bounds__(kLineMaxThreads)
 #pragma unroll
             for (int q = 0; q < kLineQ; ++q)
               if (planes[k] && i0 + q < ln.L) in[k][q] = *slot(grp & 1, k, q, j);
-          Vec out[kLineQ];
-          float state[kLineQ][VEC];
+          Vec out[kLineQ];  // forward: y
+          (void)out;
+          float kept[kLineQ][VEC];
 #pragma unroll
           for (int st = 0; st < VEC; ++st) {
             const int m = kReversed ? VEC - 1 - st : st;  // memory order inside the vectors
-            const bool restart = phase.starts();
-            phase.forward();
-            float left, right;
-            ex.neighbours(h, parity, left, right);
-            float next[kLineQ], g0[kLineQ], g1[kLineQ], g2[kLineQ];
+            float a[kLineQ], g0[kLineQ], g1[kLineQ], g2[kLineQ];
 #pragma unroll
             for (int q = 0; q < kLineQ; ++q) {
-              next[q] = to_acc(in[LAMS][q].v[m]) * to_acc(in[XS][q].v[m]);
+              a[q] = to_acc(in[XS][q].v[m]);
+              if (planes[LAMS]) a[q] *= to_acc(in[LAMS][q].v[m]);
               g0[q] = to_acc(in[G0][q].v[m]);
               g1[q] = to_acc(in[G1][q].v[m]);
               g2[q] = to_acc(in[G2][q].v[m]);
             }
-            if (!restart) propagate_quad(next, h, left, right, g0, g1, g2, i0, ln.L);
+            advance(a, g0, g1, g2);
 #pragma unroll
             for (int q = 0; q < kLineQ; ++q) {
-              h[q] = (i0 + q < ln.L) ? next[q] : 0.f;  // positions past the line stay zero
-              out[q].v[m] = from_acc<T>(u ? to_acc(in[US][q].v[m]) * h[q] : h[q]);
-              state[q][m] = h[q];
+              if constexpr (!kAdjoint) out[q].v[m] = from_acc<T>(planes[US] ? to_acc(in[US][q].v[m]) * h[q] : h[q]);
+              kept[q][m] = h[q];
             }
-            ex.publish(h, parity);
-            parity ^= 1;
           }
           const int t0 = grp * steps_per_group + j * VEC;
 #pragma unroll
@@ -203,11 +285,11 @@ __global__ void __launch_bounds__(kLineMaxThreads)
             const int i = i0 + q;
             if (i >= ln.L) continue;
             const int first = first_of(t0, i);
-            *reinterpret_cast<Vec*>(yp + first) = out[q];
+            if constexpr (!kAdjoint) *reinterpret_cast<Vec*>(yp + first) = out[q];
             if (hp) {
 #pragma unroll
               for (int part = 0; part < VEC; part += 4) {
-                float four[4] = {state[q][part], state[q][part + 1], state[q][part + 2], state[q][part + 3]};
+                float four[4] = {kept[q][part], kept[q][part + 1], kept[q][part + 2], kept[q][part + 3]};
                 store_quad<float, 4>(hp + first + part, four);
               }
             }
@@ -252,41 +334,37 @@ __global__ void __launch_bounds__(kLineMaxThreads)
     for (int st = 0; st < steps_per_group; ++st) {
       const int t = t0 + st;
       if (t >= ln.T) break;  // uniform across the block
-      const bool restart = phase.starts();
-      phase.forward();
-      float left, right;
-      ex.neighbours(h, parity, left, right);
+      float a[kLineQ] = {0.f, 0.f, 0.f, 0.f}, g0[kLineQ] = {0.f, 0.f, 0.f, 0.f}, g1[kLineQ] = {0.f, 0.f, 0.f, 0.f},
+            g2[kLineQ] = {0.f, 0.f, 0.f, 0.f};
       if (active) {
-        float xv[kLineQ], lv[kLineQ], next[kLineQ];
-        load_quad<T, kLineQ>(tslot(tile, XS, st) + i0, xv);
-        load_quad<T, kLineQ>(tslot(tile, LAMS, st) + i0, lv);
+        load_quad<T, kLineQ>(tslot(tile, XS, st) + i0, a);
+        if (planes[LAMS]) {
+          float lv[kLineQ];
+          load_quad<T, kLineQ>(tslot(tile, LAMS, st) + i0, lv);
 #pragma unroll
-        for (int q = 0; q < kLineQ; ++q) next[q] = lv[q] * xv[q];
-        if (!restart) {
-          float g0[kLineQ], g1[kLineQ], g2[kLineQ];
-          load_quad<T, kLineQ>(tslot(tile, G0, st) + i0, g0);
-          load_quad<T, kLineQ>(tslot(tile, G1, st) + i0, g1);
-          load_quad<T, kLineQ>(tslot(tile, G2, st) + i0, g2);
-          propagate_quad(next, h, left, right, g0, g1, g2, i0, ln.L);
+          for (int q = 0; q < kLineQ; ++q) a[q] *= lv[q];
         }
-#pragma unroll
-        for (int q = 0; q < kLineQ; ++q) h[q] = next[q];
-        float out[kLineQ];
-        if (u) {
-          float uv[kLineQ];
-          load_quad<T, kLineQ>(tslot(tile, US, st) + i0, uv);
-#pragma unroll
-          for (int q = 0; q < kLineQ; ++q) out[q] = uv[q] * h[q];
-        } else {
-#pragma unroll
-          for (int q = 0; q < kLineQ; ++q) out[q] = h[q];
-        }
+        load_quad<T, kLineQ>(tslot(tile, G0, st) + i0, g0);
+        load_quad<T, kLineQ>(tslot(tile, G1, st) + i0, g1);
+        load_quad<T, kLineQ>(tslot(tile, G2, st) + i0, g2);
+      }
+      advance(a, g0, g1, g2);
+      if (active) {
         const int off = ln.offset(t, i0);
-        store_quad<T, kLineQ>(yp + off, out);
+        if constexpr (!kAdjoint) {
+          float out[kLineQ];
+          if (planes[US]) {
+            load_quad<T, kLineQ>(tslot(tile, US, st) + i0, out);
+#pragma unroll
+            for (int q = 0; q < kLineQ; ++q) out[q] *= h[q];
+          } else {
+#pragma unroll
+            for (int q = 0; q < kLineQ; ++q) out[q] = h[q];
+          }
+          store_quad<T, kLineQ>(yp + off, out);
+        }
         if (hp) store_quad<float, kLineQ>(hp + off, h);
       }
-      ex.publish(h, parity);
-      parity ^= 1;
     }
   }
 }

@@ -34,13 +34,13 @@ def test_cache_folder_is_tagged_by_torch_cuda_arch_and_sources(monkeypatch, tmp_
         (copy / path.name).write_bytes(path.read_bytes())
     monkeypatch.setattr(build, "csrc_dir", lambda: copy)
     assert build.build_dir() == first
-    (copy / "gspn_forward.cuh").write_text("// edited\n")
+    (copy / "gspn_scan.cuh").write_text("// edited\n")
     assert build.build_dir() != first
 
 
 def test_sources_are_found():
     names = {p.name for p in build.csrc_dir().iterdir()}
-    assert {"gspn_binding.cpp", "gspn_float.cu", "gspn_forward.cuh", "gspn_backward.cuh"} <= names
+    assert {"gspn_binding.cpp", "gspn_float.cu", "gspn_scan.cuh", "gspn_lines.cuh", "gspn_gradients.cuh"} <= names
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

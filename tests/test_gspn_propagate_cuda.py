@@ -17,8 +17,9 @@ pytestmark = pytest.mark.cuda
 SEED = int(time.time() * 1000) % 2**31
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (B, C, G, H, W): odd sizes, H != W, lines of length 1, every kind of gate grouping. Widths that are
-# multiples of 8 take the staged (cp.async) kernels, the others the generic ones. Columns of up to 64,
-# 200 and 520 positions take the line-parallel forward with 4, 2 and 1 vectors per column group.
+# multiples of 8 take the line-parallel scans (forward and adjoint), the others the generic ones; columns
+# of up to 64, 200 and 520 positions move 4, 2 and 1 vectors per column group. Groups of more than 8
+# channels (16 / 1) sum their gate gradients over channel slices.
 SHAPES = [
     (2, 6, 3, 5, 8),
     (1, 4, 1, 33, 16),
@@ -164,6 +165,22 @@ def test_strided_views_of_one_coefficient_tensor(width):
     grads_ref = torch.autograd.grad(y_ref.square().sum(), [x, coeffs])
     for got, want in zip(grads, grads_ref):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradients_of_lines_longer_than_the_line_parallel_kernel(dtype):
+    # 1032-long rows (aligned, over 1024) take the generic scans, forward and adjoint, 4 positions per thread.
+    inputs = [t.requires_grad_() for t in make_inputs((1, 2, 1, 3, 1032), dtype, seed=SEED)]
+    y = gspn_propagate(*inputs, chunk_size=5, backend="cuda")
+    grad_y = torch.randn_like(y)
+    grads = grads_of(y, inputs, grad_y)
+    inputs64 = [t.requires_grad_() for t in as64(*inputs)]
+    grads64 = grads_of(gspn_propagate(*inputs64, chunk_size=5, backend="reference"), inputs64, grad_y.double())
+    grads_ref = grads_of(gspn_propagate(*inputs, chunk_size=5, backend="reference"), inputs, grad_y)
+    scale = 1e-2 * max(g.norm().item() for g in grads64)
+    for got, want, ref in zip(grads, grads64, grads_ref):
+        bound = 1e-4 if dtype == torch.float32 else 2 * rel_err(ref, want, scale) + 1e-5
+        assert rel_err(got, want, scale) <= bound, f"seed {SEED}"
 
 
 def test_2048_long_float16_scan_stays_finite():
