@@ -53,10 +53,14 @@ def _setup_context(ctx, inputs, output):
     _, state = output
     ctx.save_for_backward(x, gates, lam, u, state)
     ctx.chunk_size = chunk_size
+    # The state output gets no gradient; materialised, it would be a zero-filled float32 (B, 4, C, H, W).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, _grad_state):
     x, gates, lam, u, state = ctx.saved_tensors
+    if grad_y is None:
+        return None, None, None, None, None, None
     if state.numel() == 0:  # the forward was told no backward would follow: rebuild the state
         _, state = propagate(x, gates, lam, u, ctx.chunk_size, True)
     gx, ggates, glam, gu = propagate_backward(grad_y.contiguous(), x, gates, lam, u, state, ctx.chunk_size)
