@@ -38,6 +38,36 @@ struct Lines {
   }
 };
 
+// What the block scanning one (batch, direction, channel) reads and writes: block b * 4C + d * C + c.
+// Forward: step input a = x lam, y = u h, state = h. Adjoint (the backward's reverse scan, see
+// gspn_lines.cuh): x is grad_y (B, 4, C, H, W), a = grad_y u (grad_y when u is null), no y, state = gh,
+// and the lines are walked in reverse.
+template <typename T, bool kAdjoint>
+struct ScanPlanes {
+  int d;
+  Lines ln;
+  const T* gate[3];  // logits of taps 0, 1, 2
+  const T* a0;       // the factors of the step input; a1 may be null
+  const T* a1;
+  const T* u;  // forward only (may be null)
+  T* y;        // forward only
+  float* state;  // may be null in the forward
+  __device__ __forceinline__ ScanPlanes(int block, const T* x, const T* gates, const T* lam, const T* u_, T* y_,
+                                        float* state_, const Shape& s)
+      : d(block / s.C % 4), ln(kAdjoint ? d ^ 1 : d, s.H, s.W) {
+    const int c = block % s.C, b = block / s.C / 4, g = c / (s.C / s.G);
+    const int64_t plane = int64_t(s.H) * s.W;
+    const int64_t dense = ((int64_t(b) * 4 + d) * s.C + c) * plane;  // (b, d, c) of a dense (B, 4, C, H, W)
+    for (int k = 0; k < 3; ++k) gate[k] = gates + b * s.gates_batch_stride + ((int64_t(d) * 3 + k) * s.G + g) * plane;
+    const T* u_plane = u_ ? u_ + b * s.u_batch_stride + (int64_t(d) * s.C + c) * plane : nullptr;
+    a0 = kAdjoint ? x + dense : x + (int64_t(b) * s.C + c) * plane;
+    a1 = kAdjoint ? u_plane : lam + b * s.lam_batch_stride + (int64_t(d) * s.C + c) * plane;
+    u = kAdjoint ? nullptr : u_plane;
+    y = kAdjoint ? nullptr : y_ + dense;
+    state = state_ ? state_ + dense : nullptr;
+  }
+};
+
 // Position inside the current chunk, followed along the scan without a division per step.
 struct ChunkPhase {
   int phase, chunk;

@@ -149,32 +149,11 @@ __global__ void __launch_bounds__(kLineMaxThreads)
   const WarpEdges ex{reinterpret_cast<float*>(smem_raw + 2 * buffer * sizeof(T)), int(blockDim.x / 32),
                      int(threadIdx.x / 32), int(threadIdx.x % 32)};
 
-  int blk = blockIdx.x;
-  const int c = blk % s.C;
-  blk /= s.C;
-  const int d = blk % 4;
-  const int b = blk / 4;
-  const int g = c / (s.C / s.G);
-  const Lines ln(kAdjoint ? d ^ 1 : d, s.H, s.W);  // the adjoint walks the same lines in reverse
-  const int64_t plane = int64_t(s.H) * s.W;
-  const int64_t out_plane = ((int64_t(b) * 4 + d) * s.C + c) * plane;
-
-  // Step input a = planes[XS] * planes[LAMS]: lam x forward, u gy (or gy) in the adjoint.
-  const T* planes[NT];
-#pragma unroll
-  for (int k = 0; k < 3; ++k) planes[k] = gates + b * s.gates_batch_stride + ((int64_t(d) * 3 + k) * s.G + g) * plane;
-  const T* u_plane = u ? u + b * s.u_batch_stride + (int64_t(d) * s.C + c) * plane : nullptr;
-  if constexpr (kAdjoint) {
-    planes[XS] = x + out_plane;
-    planes[LAMS] = u_plane;
-    planes[US] = nullptr;
-  } else {
-    planes[XS] = x + (int64_t(b) * s.C + c) * plane;
-    planes[LAMS] = lam + b * s.lam_batch_stride + (int64_t(d) * s.C + c) * plane;
-    planes[US] = u_plane;
-  }
-  T* yp = kAdjoint ? nullptr : y + out_plane;
-  float* hp = state ? state + out_plane : nullptr;
+  const ScanPlanes<T, kAdjoint> io(blockIdx.x, x, gates, lam, u, y, state, s);
+  const Lines& ln = io.ln;
+  const T* planes[NT] = {io.gate[0], io.gate[1], io.gate[2], io.a0, io.a1, io.u};  // step input a = XS * LAMS
+  T* yp = io.y;
+  float* hp = io.state;
 
   for (int k = threadIdx.x; k < 4 * ex.warps; k += blockDim.x) ex.edges[k] = 0.f;
 
@@ -212,7 +191,7 @@ __global__ void __launch_bounds__(kLineMaxThreads)
     parity ^= 1;
   };
 
-  if (d < 2) {
+  if (io.d < 2) {
     // Columns. A group is `span` vectors of VEC steps per position and tensor: contiguous in memory, so
     // that DRAM sees span x 16 bytes per row at once. Slot (stage, tensor, q, vector) of this thread is
     // thread-interleaved so that a warp's shared-memory accesses are contiguous.

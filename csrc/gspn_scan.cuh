@@ -32,31 +32,16 @@ __global__ void __launch_bounds__(kMaxThreads)
   extern __shared__ unsigned char smem_raw[];
   float* lines = reinterpret_cast<float*>(smem_raw);  // [2][NL][row], position i at i + 1
 
-  int blk = blockIdx.x;
-  const int c = blk % s.C;
-  blk /= s.C;
-  const int d = blk % 4;
-  const int b = blk / 4;
-  const int g = c / (s.C / s.G);
-  const Lines ln(kAdjoint ? d ^ 1 : d, s.H, s.W);  // the adjoint walks the same lines in reverse
+  const ScanPlanes<T, kAdjoint> io(blockIdx.x, x, gates, lam, u, y, state, s);
+  const Lines& ln = io.ln;
   const int row = max(s.H, s.W) + 2;
-  const int64_t plane = int64_t(s.H) * s.W;
-  const int64_t out_plane = ((int64_t(b) * 4 + d) * s.C + c) * plane;
-
   for (int k = threadIdx.x; k < 2 * NL * row; k += blockDim.x) lines[k] = 0.f;
 
-  // Step input a = xp * lp: lam x forward, u gy (or gy) in the adjoint.
-  const T* u_plane = u ? u + b * s.u_batch_stride + (int64_t(d) * s.C + c) * plane : nullptr;
-  const T* xp = kAdjoint ? x + out_plane : x + (int64_t(b) * s.C + c) * plane;
-  const T* lp = kAdjoint ? u_plane : lam + b * s.lam_batch_stride + (int64_t(d) * s.C + c) * plane;
-  const T* up = kAdjoint ? nullptr : u_plane;
-  T* yp = kAdjoint ? nullptr : y + out_plane;
-  float* hp = state ? state + out_plane : nullptr;
-  const T* gp[3];
-#pragma unroll
-  for (int k = 0; k < 3; ++k) gp[k] = gates + b * s.gates_batch_stride + ((int64_t(d) * 3 + k) * s.G + g) * plane;
-
-  const bool packed = d < 2 && (s.W % VEC == 0);
+  const T *xp = io.a0, *lp = io.a1, *up = io.u;  // step input a = xp * lp
+  T* yp = io.y;
+  float* hp = io.state;
+  const T* const* gp = io.gate;
+  const bool packed = io.d < 2 && (s.W % VEC == 0);
   __syncthreads();
 
   float m1[P];  // adjoint: what each own position sends to itself on the next line
