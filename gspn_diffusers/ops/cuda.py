@@ -3,8 +3,7 @@
 ``gspn_diffusers::propagate`` and ``gspn_diffusers::propagate_backward`` are registered with fake
 (meta) implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through them without a
 graph break. When a backward will follow, the forward also returns the state h (before u) in float32:
-the backward's gate gradients take differences of products of h, which a 16-bit copy would blur. For
-float32 inputs without u, y is that state and the forward writes nothing more.
+the backward's gate gradients take differences of products of h, which a 16-bit copy would blur.
 """
 
 from __future__ import annotations
@@ -49,15 +48,10 @@ def _(grad_y, x, gates, lam, u, state, chunk_size):
     return torch.empty_like(x), torch.empty_like(gates), torch.empty_like(lam), gu
 
 
-def _y_is_state(x: Tensor, u: Tensor | None) -> bool:
-    """y = h exactly: float32 output and no output modulation."""
-    return x.dtype == torch.float32 and u is None
-
-
 def _setup_context(ctx, inputs, output):
     x, gates, lam, u, chunk_size, _ = inputs
-    y, state = output
-    ctx.save_for_backward(x, gates, lam, u, y if _y_is_state(x, u) else state)
+    _, state = output
+    ctx.save_for_backward(x, gates, lam, u, state)
     ctx.chunk_size = chunk_size
     # The state output gets no gradient; materialised, it would be a zero-filled float32 (B, 4, C, H, W).
     ctx.set_materialize_grads(False)
@@ -101,10 +95,8 @@ def gspn_propagate_cuda(
     gates, lam = (_dense_per_item(t.to(x.dtype)) for t in (gates, lam))
     u = None if u is None else _dense_per_item(u.to(x.dtype))
     x = x.contiguous()
-    needs_state = (
-        torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in (x, gates, lam, u))
-        and not _y_is_state(x, u)
+    needs_state = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, gates, lam, u)
     )
     y, _ = propagate(x, gates, lam, u, _GLOBAL if chunk_size is None else chunk_size, needs_state)
     return y
