@@ -17,14 +17,16 @@ struct Shape {
 };
 
 // y = u * h (y = h when u is null); h_out (may be null) receives the state h in float32, for the
-// backward. `aligned`: every pointer is 16-byte aligned (the line-parallel kernels need it).
+// backward, line by line: each (b, d, c) plane of a row direction in its own H x W layout, of a column
+// direction transposed (W x H), so that every scan step writes one contiguous line.
+// `aligned`: every pointer is 16-byte aligned (the line-parallel kernels need it).
 template <typename T>
 cudaError_t launch_forward(const T* x, const T* gates, const T* lam, const T* u, T* y, float* h_out, Shape s,
                            bool aligned, cudaStream_t stream);
 
-// The backward: gh (float32, (B, 4, C, H, W)) is scratch for the adjoint state; gx takes x's shape and
-// dtype, ggates is float32 (B, 4, 3, G, H, W), glam and gu (null when u is) lam's shape. h is the
-// forward's float32 state.
+// The backward: gh (float32, (B, 4, C, H, W)) is scratch for the adjoint state (laid out as h); gx takes
+// x's shape and dtype, ggates is float32 (B, 4, 3, G, H, W), glam and gu (null when u is) lam's shape. h
+// is the forward's float32 state.
 template <typename T>
 cudaError_t launch_backward(const T* gy, const T* x, const T* gates, const T* lam, const T* u, const float* h,
                             float* gh, T* gx, float* ggates, T* glam, T* gu, Shape s, bool aligned,

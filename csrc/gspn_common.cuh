@@ -27,9 +27,12 @@ struct Lines {
     stride_t = columns ? 1 : W;
     reversed = (d & 1) != 0;
   }
-  __device__ __forceinline__ int offset(int t, int i) const {
-    return i * stride_i + (reversed ? T - 1 - t : t) * stride_t;
-  }
+  // Where line t lies in memory order: w of a column, h of a row.
+  __device__ __forceinline__ int pos(int t) const { return reversed ? T - 1 - t : t; }
+  __device__ __forceinline__ int offset(int t, int i) const { return i * stride_i + pos(t) * stride_t; }
+  // The float32 states (h, and the adjoint's gh) are stored line by line: line t at pos(t) * L, so that
+  // a scan writes each line contiguously (rows: the plane's own layout; columns: its transpose, W x H).
+  __device__ __forceinline__ int state_offset(int t, int i) const { return pos(t) * L + i; }
   // Scan index t and line index i of the element at row hh, column ww (the inverse of offset).
   __device__ __forceinline__ void locate(int hh, int ww, int& t, int& i) const {
     i = columns ? hh : ww;
@@ -125,6 +128,19 @@ __device__ __forceinline__ void store_steps(T* __restrict__ plane, const Lines& 
       if (t0 + s < g.T) plane[g.offset(t0 + s, i)] = from_acc<T>(in[s]);
   }
 }
+
+// Asynchronous global -> shared copies (sm_80+): 16 bytes, or one float32 that is zero when !valid.
+__device__ __forceinline__ void cp_async16(void* smem_ptr, const void* gmem_ptr) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_ptr));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_ptr));
+}
+__device__ __forceinline__ void cp_async_f32(float* smem_ptr, const float* gmem_ptr, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_ptr));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem_ptr), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_previous() { asm volatile("cp.async.wait_group 1;\n" ::); }
 
 __device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + __expf(-v)); }
 

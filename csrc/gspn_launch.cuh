@@ -74,9 +74,11 @@ cudaError_t launch_backward(const T* gy, const T* x, const T* gates, const T* la
     if (err != cudaSuccess) return err;
   }
   void* args[] = {&gy, &x, &gates, &lam, &u, &h, &gh, &gx, &ggates, &glam, &gu, &s};
-  const int64_t work = int64_t(s.B) * s.G * gradient_slices(s) * s.H * s.W;
-  const int blocks = int(std::min<int64_t>((work + kGradThreads - 1) / kGradThreads, 1 << 20));
-  return launch(gradients_kernel<T>, blocks, kGradThreads, 0, stream, args);
+  const int tiles = ((s.H + kTileH - 1) / kTileH) * ((s.W + kTileW - 1) / kTileW);
+  const cudaError_t err2 = cudaLaunchKernel(reinterpret_cast<const void*>(gradients_kernel<T>),
+                                            dim3(s.B * s.G * gradient_slices(s) * tiles), dim3(kTileW, kTileH), args, 0,
+                                            stream);
+  return err2 != cudaSuccess ? err2 : cudaGetLastError();
 }
 
 #define GSPN_INSTANTIATE(T)                                                                                   \

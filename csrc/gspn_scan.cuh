@@ -104,7 +104,11 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int p = 0; p < P; ++p) {
       const int i = threadIdx.x + p * blockDim.x;
       if (i >= ln.L) continue;
-      if (hp) store_steps<float, VEC>(hp, ln, t0, i, packed, hv[p]);
+      if (hp) {
+#pragma unroll
+        for (int st = 0; st < VEC; ++st)
+          if (t0 + st < ln.T) hp[ln.state_offset(t0 + st, i)] = hv[p][st];
+      }
       if constexpr (!kAdjoint) {
         if (up) {
 #pragma unroll

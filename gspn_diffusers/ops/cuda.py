@@ -3,7 +3,8 @@
 ``gspn_diffusers::propagate`` and ``gspn_diffusers::propagate_backward`` are registered with fake
 (meta) implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through them without a
 graph break. When a backward will follow, the forward also returns the state h (before u) in float32:
-the backward's gate gradients take differences of products of h, which a 16-bit copy would blur.
+the backward's gate gradients take differences of products of h, which a 16-bit copy would blur. The
+state is the kernels' own: its column-direction planes are stored transposed (see csrc/gspn_api.h).
 """
 
 from __future__ import annotations
