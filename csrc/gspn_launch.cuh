@@ -19,13 +19,12 @@ inline int positions_per_thread(int longest, int max_threads) {
 }
 
 template <typename Kernel>
-cudaError_t launch(Kernel kernel, int blocks, int threads, size_t smem, cudaStream_t stream, void** args) {
+cudaError_t launch(Kernel kernel, dim3 blocks, dim3 threads, size_t smem, cudaStream_t stream, void** args) {
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return err;
   }
-  const cudaError_t err =
-      cudaLaunchKernel(reinterpret_cast<const void*>(kernel), dim3(blocks), dim3(threads), args, smem, stream);
+  const cudaError_t err = cudaLaunchKernel(reinterpret_cast<const void*>(kernel), blocks, threads, args, smem, stream);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
@@ -75,10 +74,7 @@ cudaError_t launch_backward(const T* gy, const T* x, const T* gates, const T* la
   }
   void* args[] = {&gy, &x, &gates, &lam, &u, &h, &gh, &gx, &ggates, &glam, &gu, &s};
   const int tiles = ((s.H + kTileH - 1) / kTileH) * ((s.W + kTileW - 1) / kTileW);
-  const cudaError_t err2 = cudaLaunchKernel(reinterpret_cast<const void*>(gradients_kernel<T>),
-                                            dim3(s.B * s.G * gradient_slices(s) * tiles), dim3(kTileW, kTileH), args, 0,
-                                            stream);
-  return err2 != cudaSuccess ? err2 : cudaGetLastError();
+  return launch(gradients_kernel<T>, s.B * s.G * gradient_slices(s) * tiles, dim3(kTileW, kTileH), 0, stream, args);
 }
 
 #define GSPN_INSTANTIATE(T)                                                                                   \

@@ -18,8 +18,8 @@ SEED = int(time.time() * 1000) % 2**31
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (B, C, G, H, W): odd sizes, H != W, lines of length 1, every kind of gate grouping. Widths that are
 # multiples of 8 take the line-parallel scans (forward and adjoint), the others the generic ones; columns
-# of up to 64, 200 and 520 positions move 4, 2 and 1 vectors per column group. Groups of more than 8
-# channels (16 / 1) sum their gate gradients over channel slices.
+# of up to 64, 200 and 520 positions move 4, 2 and 1 vectors per column group. Groups of more than 16
+# channels (20 / 1: slices of 16 and 4) sum their gate gradients over channel slices.
 SHAPES = [
     (2, 6, 3, 5, 8),
     (1, 4, 1, 33, 16),
@@ -35,6 +35,7 @@ SHAPES = [
     (2, 16, 1, 40, 64),
     (1, 2, 1, 200, 24),
     (1, 4, 2, 520, 16),
+    (1, 20, 1, 9, 16),
 ]
 CHUNKS = [None, 1, 3, 8, 100]
 
