@@ -39,7 +39,7 @@ constexpr int kLineMaxThreads = 256;  // lines of up to 1024 positions
 // 1.79 ms), four lose everywhere.
 __host__ __device__ constexpr int column_span(int threads) { return threads <= 128 ? 2 : 1; }
 
-// Shared memory of lines_forward_kernel: two stages of 6 tensors x span x 16 bytes per position, then
+// Shared memory of lines_scan_kernel: two stages of 6 tensors x span x 16 bytes per position, then
 // the warp edges.
 inline size_t lines_smem(int threads) {
   return size_t(2) * 6 * 16 * kLineQ * threads * column_span(threads) + size_t(16) * (threads / 32);
