@@ -73,8 +73,10 @@ cudaError_t launch_backward(const T* gy, const T* x, const T* gates, const T* la
     if (err != cudaSuccess) return err;
   }
   void* args[] = {&gy, &x, &gates, &lam, &u, &h, &gh, &gx, &ggates, &glam, &gu, &s};
-  const int tiles = ((s.H + kTileH - 1) / kTileH) * ((s.W + kTileW - 1) / kTileW);
-  return launch(gradients_kernel<T>, s.B * s.G * gradient_slices(s) * tiles, dim3(kTileW, kTileH), 0, stream, args);
+  const int64_t tiles = int64_t((s.H + kTileH - 1) / kTileH) * ((s.W + kTileW - 1) / kTileW);
+  const int64_t blocks = int64_t(s.B) * s.G * gradient_slices(s) * tiles;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  return launch(gradients_kernel<T>, unsigned(blocks), dim3(kTileW, kTileH), 0, stream, args);
 }
 
 #define GSPN_INSTANTIATE(T)                                                                                   \
