@@ -24,12 +24,17 @@ template <typename T>
 cudaError_t launch_forward(const T* x, const T* gates, const T* lam, const T* u, T* y, float* h_out, Shape s,
                            bool aligned, cudaStream_t stream);
 
+// The backward's gradient pass sums the gate gradients of up to kGradChannels channels of a group in one
+// block; larger groups add the partial sums of their channel slices atomically, in float32.
+constexpr int kGradChannels = 16;
+inline bool gate_gradients_in_float32(const Shape& s) { return s.C / s.G > kGradChannels; }
+
 // The backward: gh (float32, (B, 4, C, H, W)) is scratch for the adjoint state (laid out as h); gx takes
-// x's shape and dtype, ggates is float32 (B, 4, 3, G, H, W), glam and gu (null when u is) lam's shape. h
-// is the forward's float32 state.
+// x's shape and dtype; ggates (B, 4, 3, G, H, W) is float32 when gate_gradients_in_float32(s), else of
+// type T; glam and gu (null when u is) lam's shape. h is the forward's float32 state.
 template <typename T>
 cudaError_t launch_backward(const T* gy, const T* x, const T* gates, const T* lam, const T* u, const float* h,
-                            float* gh, T* gx, float* ggates, T* glam, T* gu, Shape s, bool aligned,
+                            float* gh, T* gx, void* ggates, T* glam, T* gu, Shape s, bool aligned,
                             cudaStream_t stream);
 
 }  // namespace gspn

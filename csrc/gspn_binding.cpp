@@ -96,7 +96,8 @@ std::vector<Tensor> backward(const Tensor& gy, const Tensor& x, const Tensor& ga
   const auto f32 = x.options().dtype(at::kFloat);
   Tensor gh = at::empty({s.B, 4, s.C, s.H, s.W}, f32);  // the adjoint state, scratch
   Tensor gx = at::empty({s.B, s.C, s.H, s.W}, x.options());
-  Tensor ggates = at::empty({s.B, 4, 3, s.G, s.H, s.W}, f32);
+  const bool summed = gspn::gate_gradients_in_float32(s);
+  Tensor ggates = at::empty({s.B, 4, 3, s.G, s.H, s.W}, summed ? f32 : gates.options().dtype(x.scalar_type()));
   Tensor glam = at::empty({s.B, 4, s.C, s.H, s.W}, lam.options());
   Tensor gu = u ? at::empty({s.B, 4, s.C, s.H, s.W}, u->options()) : at::empty({0}, x.options());
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -105,7 +106,7 @@ std::vector<Tensor> backward(const Tensor& gy, const Tensor& x, const Tensor& ga
     const bool aligned = aligned16({&gy, &gates, u ? &*u : &gy, &gh});  // what the adjoint scan stages
     check_launch(gspn::launch_backward<T>(ptr<T>(gy), ptr<T>(x), ptr<T>(gates), ptr<T>(lam),
                                           u ? ptr<T>(*u) : nullptr, ptr<float>(state), mut_ptr<float>(gh),
-                                          mut_ptr<T>(gx), mut_ptr<float>(ggates), mut_ptr<T>(glam),
+                                          mut_ptr<T>(gx), ggates.data_ptr(), mut_ptr<T>(glam),
                                           u ? mut_ptr<T>(gu) : nullptr, s, aligned, stream));
   });
   return {gx, ggates.to(gates.scalar_type()), glam, gu};

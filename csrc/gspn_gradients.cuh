@@ -7,6 +7,8 @@
 // The logit gradient is linear in gw, so partial sums over slices of a group's channels add up.
 #pragma once
 
+#include <type_traits>
+
 #include "gspn_common.cuh"
 
 namespace gspn {
@@ -15,8 +17,7 @@ namespace gspn {
 // one gate group. Measured on an H100, SDXL 16K level 1, float16: tiles of 8 x 32 at 4 blocks per
 // multiprocessor 7.74 ms, 16 x 32 at 2 8.04 ms, 32 x 32 at 1 8.30 ms; 16 channels a block 6.52 ms
 // against 8 channels 6.98 ms (an earlier untiled version; fewer channels, more gate-gradient atomics).
-constexpr int kGradChannels = 16;
-constexpr int kTileH = 8, kTileW = 32;
+constexpr int kTileH = 8, kTileW = 32;  // kGradChannels: gspn_api.h
 
 // Channel slices per gate group: with more than one, blocks add their gate gradients atomically into
 // a zero-filled ggates.
@@ -39,14 +40,14 @@ __device__ __forceinline__ void load_column_state(float* tile, const float* plan
 }
 
 // gy, glam, gu: (B, 4, C, H, W), dense; h, gh: the float32 states (line by line, Lines::state_offset);
-// gx like x; ggates: float32 (B, 4, 3, G, H, W), dense. Block (tile, slice, g, b) takes a tile of
+// gx like x; ggates: (B, 4, 3, G, H, W), dense, of type GG: float32 when a group has several slices. Block (tile, slice, g, b) takes a tile of
 // positions of up to kGradChannels channels of one gate group, in all four directions. The column
 // directions' states are stored transposed: they pass through shared memory, read along their lines.
-template <typename T>
+template <typename T, typename GG>
 __global__ void __launch_bounds__(kTileH * kTileW, 4)
     gradients_kernel(const T* __restrict__ gy, const T* __restrict__ x, const T* __restrict__ gates,
                      const T* __restrict__ lam, const T* __restrict__ u, const float* __restrict__ h,
-                     const float* __restrict__ gh, T* __restrict__ gx, float* __restrict__ ggates,
+                     const float* __restrict__ gh, T* __restrict__ gx, GG* __restrict__ ggates,
                      T* __restrict__ glam, T* __restrict__ gu, Shape s) {
   constexpr int kHaloPitch = kTileW + 3, kPitch = kTileW + 1;
   // Two stages (channels c, c + 1) of directions 0, 1: h around the tile, (hh, ww) at (hh+1, ww+1), and gh.
@@ -126,10 +127,10 @@ __global__ void __launch_bounds__(kTileH * kTileW, 4)
     const Lines ln(d, s.H, s.W);
     int t, i;
     ln.locate(hh, ww, t, i);
-    float* out = ggates + ((int64_t(b) * 4 + d) * 3 * s.G + g) * plane + pos;  // tap k at k * G * plane
+    GG* out = ggates + ((int64_t(b) * 4 + d) * 3 * s.G + g) * plane + pos;  // tap k at k * G * plane
     const int64_t tap_stride = int64_t(s.G) * plane;
     if ((t % s.chunk) == 0) {
-      if (slices == 1) out[0] = out[tap_stride] = out[2 * tap_stride] = 0.f;
+      if (slices == 1) out[0] = out[tap_stride] = out[2 * tap_stride] = from_acc<GG>(0.f);
       continue;
     }
     const T* logits = gates + b * s.gates_batch_stride + (int64_t(d) * 3 * s.G + g) * plane + pos;
@@ -139,8 +140,11 @@ __global__ void __launch_bounds__(kTileH * kTileW, 4)
 #pragma unroll
     for (int k = 0; k < 3; ++k) {
       const float v = taps.s[k] * (1.f - taps.s[k]) * taps.inv_sum * (gw[d][k] - mean);
-      if (slices == 1) out[k * tap_stride] = v;
-      else atomicAdd(out + k * tap_stride, v);
+      if (slices == 1) {
+        out[k * tap_stride] = from_acc<GG>(v);
+      } else if constexpr (std::is_same_v<GG, float>) {
+        atomicAdd(out + k * tap_stride, v);
+      }
     }
   }
 }

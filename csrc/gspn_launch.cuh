@@ -64,11 +64,12 @@ cudaError_t launch_forward(const T* x, const T* gates, const T* lam, const T* u,
 
 template <typename T>
 cudaError_t launch_backward(const T* gy, const T* x, const T* gates, const T* lam, const T* u, const float* h,
-                            float* gh, T* gx, float* ggates, T* glam, T* gu, Shape s, bool aligned,
+                            float* gh, T* gx, void* ggates, T* glam, T* gu, Shape s, bool aligned,
                             cudaStream_t stream) {
   cudaError_t err = launch_scan<T, true>(gy, gates, nullptr, u, nullptr, gh, s, aligned, stream);
   if (err != cudaSuccess) return err;
-  if (gradient_slices(s) > 1) {
+  const bool summed = gate_gradients_in_float32(s);  // several slices per group, added atomically
+  if (summed) {
     err = cudaMemsetAsync(ggates, 0, size_t(s.B) * 12 * s.G * s.H * s.W * sizeof(float), stream);
     if (err != cudaSuccess) return err;
   }
@@ -76,13 +77,15 @@ cudaError_t launch_backward(const T* gy, const T* x, const T* gates, const T* la
   const int64_t tiles = int64_t((s.H + kTileH - 1) / kTileH) * ((s.W + kTileW - 1) / kTileW);
   const int64_t blocks = int64_t(s.B) * s.G * gradient_slices(s) * tiles;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  return launch(gradients_kernel<T>, unsigned(blocks), dim3(kTileW, kTileH), 0, stream, args);
+  const dim3 threads(kTileW, kTileH);
+  return summed ? launch(gradients_kernel<T, float>, unsigned(blocks), threads, 0, stream, args)
+                : launch(gradients_kernel<T, T>, unsigned(blocks), threads, 0, stream, args);
 }
 
 #define GSPN_INSTANTIATE(T)                                                                                   \
   template cudaError_t launch_forward<T>(const T*, const T*, const T*, const T*, T*, float*, Shape, bool,         \
                                          cudaStream_t);                                                       \
   template cudaError_t launch_backward<T>(const T*, const T*, const T*, const T*, const T*, const float*, float*, \
-                                          T*, float*, T*, T*, Shape, bool, cudaStream_t);
+                                          T*, void*, T*, T*, Shape, bool, cudaStream_t);
 
 }  // namespace gspn
