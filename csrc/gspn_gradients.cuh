@@ -40,9 +40,10 @@ __device__ __forceinline__ void load_column_state(float* tile, const float* plan
 }
 
 // gy, glam, gu: (B, 4, C, H, W), dense; h, gh: the float32 states (line by line, Lines::state_offset);
-// gx like x; ggates: (B, 4, 3, G, H, W), dense, of type GG: float32 when a group has several slices. Block (tile, slice, g, b) takes a tile of
-// positions of up to kGradChannels channels of one gate group, in all four directions. The column
-// directions' states are stored transposed: they pass through shared memory, read along their lines.
+// gx like x; ggates: (B, 4, 3, G, H, W), dense, of type GG: float32 when a group has several slices.
+// Block (tile, slice, g, b) takes a tile of positions of up to kGradChannels channels of one gate group,
+// in all four directions. The column directions' states are stored transposed: they pass through shared
+// memory, read along their lines.
 template <typename T, typename GG>
 __global__ void __launch_bounds__(kTileH * kTileW, 4)
     gradients_kernel(const T* __restrict__ gy, const T* __restrict__ x, const T* __restrict__ gates,
