@@ -41,9 +41,18 @@ struct Lines {
   }
 };
 
-// What the block scanning one (batch, direction, channel) reads and writes: block b * 4C + d * C + c.
+// The (batch, direction, channel) a block scans. Blocks enumerate them with the channel fastest, over
+// `directions` directions from `first` on: all four for the generic kernels, a pair (rows or columns)
+// for the line-parallel ones.
+struct PlaneId {
+  int b, d, c;
+  __device__ __forceinline__ PlaneId(int block, int C, int first, int directions)
+      : b(block / C / directions), d(first + block / C % directions), c(block % C) {}
+};
+
+// What the block scanning one (batch, direction, channel) reads and writes.
 // Forward: step input a = x lam, y = u h, state = h. Adjoint (the backward's reverse scan, see
-// gspn_lines.cuh): x is grad_y (B, 4, C, H, W), a = grad_y u (grad_y when u is null), no y, state = gh,
+// gspn_step.cuh): x is grad_y (B, 4, C, H, W), a = grad_y u (grad_y when u is null), no y, state = gh,
 // and the lines are walked in reverse.
 template <typename T, bool kAdjoint>
 struct ScanPlanes {
@@ -55,10 +64,10 @@ struct ScanPlanes {
   const T* u;  // forward only (may be null)
   T* y;        // forward only
   float* state;  // may be null in the forward
-  __device__ __forceinline__ ScanPlanes(int block, const T* x, const T* gates, const T* lam, const T* u_, T* y_,
+  __device__ __forceinline__ ScanPlanes(PlaneId id, const T* x, const T* gates, const T* lam, const T* u_, T* y_,
                                         float* state_, const Shape& s)
-      : d(block / s.C % 4), ln(kAdjoint ? d ^ 1 : d, s.H, s.W) {
-    const int c = block % s.C, b = block / s.C / 4, g = c / (s.C / s.G);
+      : d(id.d), ln(kAdjoint ? d ^ 1 : d, s.H, s.W) {
+    const int c = id.c, b = id.b, g = c / (s.C / s.G);
     const int64_t plane = int64_t(s.H) * s.W;
     const int64_t dense = ((int64_t(b) * 4 + d) * s.C + c) * plane;  // (b, d, c) of a dense (B, 4, C, H, W)
     for (int k = 0; k < 3; ++k) gate[k] = gates + b * s.gates_batch_stride + ((int64_t(d) * 3 + k) * s.G + g) * plane;

@@ -6,7 +6,8 @@
 #include <cuda_runtime.h>
 
 #include "gspn_gradients.cuh"
-#include "gspn_lines.cuh"
+#include "gspn_columns.cuh"
+#include "gspn_rows.cuh"
 #include "gspn_scan.cuh"
 
 namespace gspn {
@@ -28,6 +29,30 @@ cudaError_t launch(Kernel kernel, dim3 blocks, dim3 threads, size_t smem, cudaSt
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
+// The same, in clusters of `cluster` blocks along x.
+template <typename Kernel>
+cudaError_t launch_clusters(Kernel kernel, unsigned blocks, unsigned cluster, unsigned threads, size_t smem,
+                            cudaStream_t stream, void** args) {
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+  }
+  cudaLaunchAttribute attribute = {};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = cluster;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  const cudaError_t err = cudaLaunchKernelExC(&config, reinterpret_cast<const void*>(kernel), args);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
 #define GSPN_SWITCH_P(P_VALUE, ...)                       \
   switch (P_VALUE) {                                      \
     case 1: { constexpr int P = 1; __VA_ARGS__; break; }  \
@@ -37,17 +62,24 @@ cudaError_t launch(Kernel kernel, dim3 blocks, dim3 threads, size_t smem, cudaSt
   }
 
 // One scan of every line of every (batch, direction, channel): the forward or the adjoint (arguments as
-// lines_scan_kernel's). The line-parallel kernel takes 16-byte-aligned grids with lines of up to 1024
-// positions (4 per thread); the generic one the rest.
+// rows_scan_kernel's). 16-byte-aligned grids with lines of up to 1024 positions take two launches, the
+// row scans (4 positions per thread) and the column scans (clusters of blocks with one row per thread);
+// the generic kernel takes the rest.
 template <typename T, bool kAdjoint>
 cudaError_t launch_scan(const T* x, const T* gates, const T* lam, const T* u, T* y, float* state, Shape s,
                         bool aligned, cudaStream_t stream) {
   const int longest = std::max(s.H, s.W);
   void* args[] = {&x, &gates, &lam, &u, &y, &state, &s};
-  const int line_threads = ((longest + kLineQ - 1) / kLineQ + 31) / 32 * 32;
-  if (aligned && s.W % (16 / int(sizeof(T))) == 0 && line_threads <= kLineMaxThreads)
-    return launch(lines_scan_kernel<T, kAdjoint>, s.B * 4 * s.C, line_threads, lines_smem(line_threads), stream,
-                  args);
+  const unsigned planes = unsigned(s.B) * 2 * s.C;  // of the row directions, and of the column directions
+  if (aligned && s.W % (16 / int(sizeof(T))) == 0 && s.W <= kRowQ * kRowMaxThreads &&
+      s.H <= kBand * kColumnMaxBlocks) {
+    const int row_threads = ((s.W + kRowQ - 1) / kRowQ + 31) / 32 * 32;
+    cudaError_t err = launch(rows_scan_kernel<T, kAdjoint>, planes, row_threads, rows_smem(row_threads), stream, args);
+    if (err != cudaSuccess) return err;
+    const ColumnSplit split(s.H);
+    return launch_clusters(columns_scan_kernel<T, kAdjoint>, planes * split.cluster, split.cluster, split.threads,
+                           columns_smem(split.threads), stream, args);
+  }
   cudaError_t err = cudaSuccess;
   const int p = positions_per_thread(longest, kMaxThreads);
   const int threads = std::min(kMaxThreads, ((longest + p - 1) / p + 31) / 32 * 32);

@@ -1,5 +1,5 @@
 // Generic scans of GSPN-2 for any shape: the forward, and the backward's adjoint scan (see
-// gspn_lines.cuh for both recurrences), all four directions and all chunks in one launch.
+// gspn_step.cuh for both recurrences), all four directions and all chunks in one launch.
 //
 // One block scans the lines of one (batch, direction, channel); threads own positions i of a line (P
 // each). Per scan step a thread reads its inputs from registers and what it needs of the last line from
@@ -22,7 +22,7 @@ __host__ __device__ constexpr int scan_vec() {
 // Line buffers of shared memory: two (double-buffered) of h forward, two of (m_0, m_2) in the adjoint.
 inline size_t scan_smem(int longest, bool adjoint) { return size_t(adjoint ? 4 : 2) * (longest + 2) * sizeof(float); }
 
-// Arguments as lines_scan_kernel's.
+// Arguments as rows_scan_kernel's.
 template <typename T, int P, bool kAdjoint>
 __global__ void __launch_bounds__(kMaxThreads)
     scan_kernel(const T* __restrict__ x, const T* __restrict__ gates, const T* __restrict__ lam,
@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   extern __shared__ unsigned char smem_raw[];
   float* lines = reinterpret_cast<float*>(smem_raw);  // [2][NL][row], position i at i + 1
 
-  const ScanPlanes<T, kAdjoint> io(blockIdx.x, x, gates, lam, u, y, state, s);
+  const ScanPlanes<T, kAdjoint> io(PlaneId(blockIdx.x, s.C, 0, 4), x, gates, lam, u, y, state, s);
   const Lines& ln = io.ln;
   const int row = max(s.H, s.W) + 2;
   for (int k = threadIdx.x; k < 2 * NL * row; k += blockDim.x) lines[k] = 0.f;

@@ -1,0 +1,163 @@
+// Column scans (d = 0, 1) of 16-byte-aligned grids with columns of up to kColumnMaxBlocks * kBand rows:
+// the forward, and the backward's adjoint scan (gspn_step.cuh has both recurrences).
+//
+// A column scan step reads one element of every row. DRAM serves 64-byte pieces, and the L2 keeps the
+// rest of a piece for the next group of steps only while few rows are open at once across the GPU
+// (benchmarks/probes/column_access.cu): a block owning a whole 1024-row column with 16 bytes per row
+// and tensor read 4.3x the useful bytes from DRAM (ncu, paper shape). So a block owns a band of at most
+// kBand rows and stages kColumnBytes per row and tensor, and the blocks of one column plane form a
+// thread-block cluster. Each block also scans kHalo rows on either side of its band. Those go stale
+// one row per step from the outside in, so every kHalo steps the neighbours hand over their edge rows
+// through distributed shared memory: one cluster barrier per kHalo steps, not one per step (an
+// exchange costs about 1 us, benchmarks/probes/cluster_exchange.cu).
+//
+// Thread k owns row first - halo + k (Q = 1). It copies its own row's pieces into private shared-memory
+// slots (no barrier for the staging) and writes y as kColumnBytes per row and group.
+#pragma once
+
+#include <cooperative_groups.h>
+
+#include "gspn_step.cuh"
+
+namespace gspn {
+
+constexpr int kBand = 256;
+constexpr int kHalo = 16;
+constexpr int kColumnBytes = 32;
+constexpr int kColumnMaxBlocks = 4;  // columns of up to 1024 rows
+constexpr int kColumnMaxThreads = kBand + 2 * kHalo;
+
+// How the blocks of one column plane split it: `cluster` blocks of `band` rows each (the last may hold
+// fewer), each scanning `halo` more rows on either side, one thread per row.
+struct ColumnSplit {
+  int cluster, band, halo, threads;
+  __host__ __device__ explicit ColumnSplit(int H)
+      : cluster((H + kBand - 1) / kBand),
+        band((H + cluster - 1) / cluster),
+        halo(cluster > 1 ? kHalo : 0),
+        threads((band + 2 * halo + 31) / 32 * 32) {}
+};
+
+// Shared memory of columns_scan_kernel: two stages of 6 tensors x kColumnBytes per row, the warp edges,
+// and the halo inbox [2][top, bottom][kHalo].
+inline size_t columns_smem(int threads) {
+  return size_t(2) * kScanTensors * kColumnBytes * threads + WarpEdges::bytes(threads) + 4 * kHalo * sizeof(float);
+}
+
+// Arguments as rows_scan_kernel's. Launched in clusters of ColumnSplit(H).cluster blocks, one cluster
+// per (batch, column direction, channel).
+template <typename T, bool kAdjoint>
+__global__ void __launch_bounds__(kColumnMaxThreads)
+    columns_scan_kernel(const T* __restrict__ x, const T* __restrict__ gates, const T* __restrict__ lam,
+                        const T* __restrict__ u, T* __restrict__ y, float* __restrict__ state, Shape s) {
+  namespace cg = cooperative_groups;
+  constexpr int VEC = 16 / int(sizeof(T));
+  constexpr int SPAN = kColumnBytes / 16;  // 16-byte vectors per row and tensor in a group
+  constexpr int STEPS = SPAN * VEC;        // scan steps per group
+  constexpr int NT = kScanTensors;
+  enum { G0 = 0, G1 = 1, G2 = 2, XS = 3, LAMS = 4, US = 5 };
+  using Vec = Pack<T, VEC>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Vec* slots = reinterpret_cast<Vec*>(smem_raw);
+  const size_t slot_bytes = size_t(2) * NT * SPAN * blockDim.x * sizeof(Vec);
+  const WarpEdges ex{reinterpret_cast<float*>(smem_raw + slot_bytes), int(blockDim.x / 32), int(threadIdx.x / 32),
+                     int(threadIdx.x % 32)};
+  float* inbox = reinterpret_cast<float*>(smem_raw + slot_bytes + WarpEdges::bytes(blockDim.x));
+
+  const cg::cluster_group cluster = cg::this_cluster();
+  const ColumnSplit split(s.H);
+  const int rank = int(cluster.block_rank());
+  const ScanPlanes<T, kAdjoint> io(PlaneId(blockIdx.x / split.cluster, s.C, 0, 2), x, gates, lam, u, y, state, s);
+  const Lines& ln = io.ln;
+  const T* planes[NT] = {io.gate[0], io.gate[1], io.gate[2], io.a0, io.a1, io.u};  // step input a = XS * LAMS
+  const int first = rank * split.band, last = min(ln.L, first + split.band);  // the band this block owns
+  const int i = first - split.halo + int(threadIdx.x);                         // this thread's row
+  const bool scanned = i >= 0 && i < ln.L && i < last + split.halo;
+  const bool owned = i >= first && i < last;
+  ex.clear();
+  cluster.sync();  // every block of the cluster runs (its shared memory exists) and the edges are clear
+
+  // Runs each step once the state is final: rows this block does not scan stay zero, and every kHalo
+  // steps the halo takes the neighbours' fresh edge rows.
+  int since = 0, box = 0;
+  auto refresh_halo = [&](float (&h)[1]) {
+    if (!scanned) h[0] = 0.f;
+    if (split.halo == 0 || ++since < kHalo) return;
+    since = 0;
+    float* mail = inbox + box * 2 * kHalo;  // [top halo, bottom halo]
+    if (owned && rank > 0 && i < first + kHalo)  // the block above: its bottom halo
+      cluster.map_shared_rank(mail, rank - 1)[kHalo + i - first] = h[0];
+    if (owned && rank + 1 < split.cluster && i >= last - kHalo)  // the block below: its top halo
+      cluster.map_shared_rank(mail, rank + 1)[i - (last - kHalo)] = h[0];
+    cluster.sync();
+    if (scanned && i < first) h[0] = mail[i - (first - kHalo)];
+    if (scanned && i >= last) h[0] = mail[kHalo + i - last];
+    box ^= 1;
+  };
+
+  auto slot = [&](int stage, int k, int j) {
+    return slots + ((size_t(stage) * NT + k) * SPAN + j) * blockDim.x + threadIdx.x;
+  };
+  // Memory offset of the lowest w of steps t0 .. t0+VEC-1 on this row.
+  auto first_of = [&](int t0) { return ln.reversed ? ln.offset(t0 + VEC - 1, i) : ln.offset(t0, i); };
+  auto vectors_in = [&](int grp) { return min(SPAN, (ln.T - grp * STEPS) / VEC); };  // W % VEC == 0
+  auto stage = [&](int grp) {
+    if (!scanned) return;
+    const int n = vectors_in(grp);
+#pragma unroll
+    for (int j = 0; j < SPAN; ++j) {
+      if (j >= n) continue;
+      const int off = first_of(grp * STEPS + j * VEC);
+#pragma unroll
+      for (int k = 0; k < NT; ++k)
+        if (planes[k]) cp_async16(slot(grp & 1, k, j), planes[k] + off);
+    }
+  };
+
+  Stepper<1, kAdjoint> stepper(ln, s.chunk);
+  const int groups = (ln.T + STEPS - 1) / STEPS;
+  // Reversed lines walk each vector from its end: the body is compiled once per order so that every
+  // register index stays a compile-time constant.
+  auto scan = [&](auto reversed_flag) {
+    constexpr bool kReversed = decltype(reversed_flag)::value;
+    stage(0);
+    cp_async_commit();
+    for (int grp = 0; grp < groups; ++grp) {
+      cp_async_wait_all();  // this thread's own copies only: no barrier needed
+      if (grp + 1 < groups) stage(grp + 1);  // into the other stage, consumed a group ago
+      cp_async_commit();
+      const int n = vectors_in(grp);
+      Vec out[SPAN];  // forward: y of the group, written at its end
+      (void)out;
+#pragma unroll
+      for (int j = 0; j < SPAN; ++j) {
+        if (j >= n) continue;
+        Vec in[NT];  // zero where nothing was staged, so that unscanned rows stay finite
+#pragma unroll
+        for (int k = 0; k < NT; ++k) in[k] = (planes[k] && scanned) ? *slot(grp & 1, k, j) : Vec{};
+#pragma unroll
+        for (int st = 0; st < VEC; ++st) {
+          const int m = kReversed ? VEC - 1 - st : st;  // memory order inside the vector
+          float a[1] = {to_acc(in[XS].v[m])}, g0[1] = {to_acc(in[G0].v[m])}, g1[1] = {to_acc(in[G1].v[m])},
+                g2[1] = {to_acc(in[G2].v[m])};
+          if (planes[LAMS]) a[0] *= to_acc(in[LAMS].v[m]);
+          stepper.step(ex, a, g0, g1, g2, i, ln.L, refresh_halo);
+          const float h = stepper.state[0];
+          if constexpr (!kAdjoint) out[j].v[m] = from_acc<T>(planes[US] ? to_acc(in[US].v[m]) * h : h);
+          if (io.state && owned) io.state[ln.state_offset(grp * STEPS + j * VEC + st, i)] = h;
+        }
+      }
+      if constexpr (!kAdjoint) {
+        if (owned) {
+#pragma unroll
+          for (int j = 0; j < SPAN; ++j)
+            if (j < n) *reinterpret_cast<Vec*>(io.y + first_of(grp * STEPS + j * VEC)) = out[j];
+        }
+      }
+    }
+  };
+  if (ln.reversed) scan(Flag<true>{});
+  else scan(Flag<false>{});
+}
+
+}  // namespace gspn
