@@ -11,8 +11,7 @@
 // through distributed shared memory: one cluster barrier per kHalo steps, not one per step (an
 // exchange costs about 1 us, benchmarks/probes/cluster_exchange.cu).
 //
-// Thread k owns row first - halo + k (Q = 1). It copies its own row's pieces into private shared-memory
-// slots (no barrier for the staging) and writes y as kColumnBytes per row and group.
+// Thread k owns row first - halo + k (Q = 1) and writes y as kColumnBytes per row and group.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -77,12 +76,17 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   ex.clear();
   cluster.sync();  // every block of the cluster runs (its shared memory exists) and the edges are clear
 
-  // Runs each step once the state is final: rows this block does not scan stay zero, and every kHalo
-  // steps the halo takes the neighbours' fresh edge rows.
+  // Run by each step once the state is final: rows this block does not scan stay zero.
+  auto keep_scanned = [&](float (&h)[1]) {
+    if (!scanned) h[0] = 0.f;
+  };
+  // Run by the last step of each vector instead: every kHalo steps (a multiple of VEC), the halo also
+  // takes the neighbours' fresh edge rows.
   int since = 0, box = 0;
   auto refresh_halo = [&](float (&h)[1]) {
-    if (!scanned) h[0] = 0.f;
-    if (split.halo == 0 || ++since < kHalo) return;
+    keep_scanned(h);
+    since += VEC;
+    if (split.halo == 0 || since < kHalo) return;
     since = 0;
     float* mail = inbox + box * 2 * kHalo;  // [top halo, bottom halo]
     if (owned && rank > 0 && i < first + kHalo)  // the block above: its bottom halo
@@ -94,23 +98,27 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
     if (scanned && i >= last) h[0] = mail[kHalo + i - last];
     box ^= 1;
   };
+  static_assert(kHalo % VEC == 0, "the halo is refreshed at the end of a vector");
 
-  auto slot = [&](int stage, int k, int j) {
-    return slots + ((size_t(stage) * NT + k) * SPAN + j) * blockDim.x + threadIdx.x;
+  // Slot (stage, tensor, vector j) of row r of the block (thread r) in shared memory.
+  auto slot = [&](int stage, int k, int j, int r) {
+    return slots + ((size_t(stage) * NT + k) * SPAN + j) * blockDim.x + r;
   };
-  // Memory offset of the lowest w of steps t0 .. t0+VEC-1 on this row.
-  auto first_of = [&](int t0) { return ln.reversed ? ln.offset(t0 + VEC - 1, i) : ln.offset(t0, i); };
+  // Memory offset of the lowest w of steps t0 .. t0+VEC-1 on row i.
+  auto first_of = [&](int t0, int i) { return ln.reversed ? ln.offset(t0 + VEC - 1, i) : ln.offset(t0, i); };
   auto vectors_in = [&](int grp) { return min(SPAN, (ln.T - grp * STEPS) / VEC); };  // W % VEC == 0
+  // The block copies a group together: consecutive threads take the consecutive vectors of a row, so
+  // that a warp's copies are whole 32-byte sectors.
+  const int row_lo = max(0, first - split.halo), row_hi = min(ln.L, last + split.halo);  // rows scanned
   auto stage = [&](int grp) {
-    if (!scanned) return;
     const int n = vectors_in(grp);
-#pragma unroll
-    for (int j = 0; j < SPAN; ++j) {
-      if (j >= n) continue;
-      const int off = first_of(grp * STEPS + j * VEC);
+    for (int piece = threadIdx.x; piece < int(blockDim.x) * SPAN; piece += blockDim.x) {
+      const int r = piece / SPAN, j = piece % SPAN, row = first - split.halo + r;
+      if (j >= n || row < row_lo || row >= row_hi) continue;
+      const int off = first_of(grp * STEPS + j * VEC, row);
 #pragma unroll
       for (int k = 0; k < NT; ++k)
-        if (planes[k]) cp_async16(slot(grp & 1, k, j), planes[k] + off);
+        if (planes[k]) cp_async16(slot(grp & 1, k, j, r), planes[k] + off);
     }
   };
 
@@ -123,7 +131,8 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
     stage(0);
     cp_async_commit();
     for (int grp = 0; grp < groups; ++grp) {
-      cp_async_wait_all();  // this thread's own copies only: no barrier needed
+      cp_async_wait_all();
+      __syncthreads();  // the group's copies of every thread have landed
       if (grp + 1 < groups) stage(grp + 1);  // into the other stage, consumed a group ago
       cp_async_commit();
       const int n = vectors_in(grp);
@@ -132,26 +141,47 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
 #pragma unroll
       for (int j = 0; j < SPAN; ++j) {
         if (j >= n) continue;
-        Vec in[NT];  // zero where nothing was staged, so that unscanned rows stay finite
+        // The weights and inputs of the vector's VEC steps first (independent of the state), then
+        // the steps, then y = u h.
+        Weights<1> wt[VEC];
+        float a[VEC][1];
+        {
+          Vec in[NT];  // zero where nothing was staged, so that unscanned rows stay finite
 #pragma unroll
-        for (int k = 0; k < NT; ++k) in[k] = (planes[k] && scanned) ? *slot(grp & 1, k, j) : Vec{};
+          for (int k = 0; k < US; ++k) in[k] = (planes[k] && scanned) ? *slot(grp & 1, k, j, threadIdx.x) : Vec{};
+#pragma unroll
+          for (int st = 0; st < VEC; ++st) {
+            const int m = kReversed ? VEC - 1 - st : st;  // memory order inside the vector
+            const float g0[1] = {to_acc(in[G0].v[m])}, g1[1] = {to_acc(in[G1].v[m])}, g2[1] = {to_acc(in[G2].v[m])};
+            wt[st] = Weights<1>(g0, g1, g2, i, ln.L);
+            a[st][0] = to_acc(in[XS].v[m]);
+            if (planes[LAMS]) a[st][0] *= to_acc(in[LAMS].v[m]);
+            pin(wt[st]);
+            pin(a[st][0]);
+          }
+        }
+        float h[VEC];
 #pragma unroll
         for (int st = 0; st < VEC; ++st) {
-          const int m = kReversed ? VEC - 1 - st : st;  // memory order inside the vector
-          float a[1] = {to_acc(in[XS].v[m])}, g0[1] = {to_acc(in[G0].v[m])}, g1[1] = {to_acc(in[G1].v[m])},
-                g2[1] = {to_acc(in[G2].v[m])};
-          if (planes[LAMS]) a[0] *= to_acc(in[LAMS].v[m]);
-          stepper.step(ex, a, g0, g1, g2, i, ln.L, refresh_halo);
-          const float h = stepper.state[0];
-          if constexpr (!kAdjoint) out[j].v[m] = from_acc<T>(planes[US] ? to_acc(in[US].v[m]) * h : h);
-          if (io.state && owned) io.state[ln.state_offset(grp * STEPS + j * VEC + st, i)] = h;
+          if (st + 1 < VEC) stepper.step(ex, a[st], wt[st], i, ln.L, keep_scanned);
+          else stepper.step(ex, a[st], wt[st], i, ln.L, refresh_halo);
+          h[st] = stepper.state[0];
+          if (io.state && owned) io.state[ln.state_offset(grp * STEPS + j * VEC + st, i)] = h[st];
+        }
+        if constexpr (!kAdjoint) {
+          const Vec uv = (planes[US] && scanned) ? *slot(grp & 1, US, j, threadIdx.x) : Vec{};
+#pragma unroll
+          for (int st = 0; st < VEC; ++st) {
+            const int m = kReversed ? VEC - 1 - st : st;
+            out[j].v[m] = from_acc<T>(planes[US] ? to_acc(uv.v[m]) * h[st] : h[st]);
+          }
         }
       }
       if constexpr (!kAdjoint) {
         if (owned) {
 #pragma unroll
           for (int j = 0; j < SPAN; ++j)
-            if (j < n) *reinterpret_cast<Vec*>(io.y + first_of(grp * STEPS + j * VEC)) = out[j];
+            if (j < n) *reinterpret_cast<Vec*>(io.y + first_of(grp * STEPS + j * VEC, i)) = out[j];
         }
       }
     }

@@ -161,9 +161,11 @@ struct Taps {
   A s[3];
   A inv_sum;
   __device__ __forceinline__ Taps(A g0, A g1, A g2, bool has_left, bool has_right) {
-    s[0] = has_left ? sigmoid(g0) : A(0);
+    s[0] = sigmoid(g0);  // computed, then dropped: no branch around the exponential
     s[1] = sigmoid(g1);
-    s[2] = has_right ? sigmoid(g2) : A(0);
+    s[2] = sigmoid(g2);
+    s[0] = has_left ? s[0] : A(0);
+    s[2] = has_right ? s[2] : A(0);
     inv_sum = A(1) / (s[0] + s[1] + s[2]);
   }
   __device__ __forceinline__ A w(int k) const { return s[k] * inv_sum; }

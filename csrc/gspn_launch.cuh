@@ -74,7 +74,7 @@ cudaError_t launch_scan(const T* x, const T* gates, const T* lam, const T* u, T*
   if (aligned && s.W % (16 / int(sizeof(T))) == 0 && s.W <= kRowQ * kRowMaxThreads &&
       s.H <= kBand * kColumnMaxBlocks) {
     const int row_threads = ((s.W + kRowQ - 1) / kRowQ + 31) / 32 * 32;
-    cudaError_t err = launch(rows_scan_kernel<T, kAdjoint>, planes, row_threads, rows_smem(row_threads), stream, args);
+    cudaError_t err = launch(rows_scan_kernel<T, kAdjoint>, planes, row_threads, rows_smem(row_threads, sizeof(T)), stream, args);
     if (err != cudaSuccess) return err;
     const ColumnSplit split(s.H);
     return launch_clusters(columns_scan_kernel<T, kAdjoint>, planes * split.cluster, split.cluster, split.threads,

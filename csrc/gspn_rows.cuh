@@ -2,8 +2,7 @@
 // the forward, and the backward's adjoint scan (gspn_step.cuh has both recurrences).
 //
 // A block scans the rows of one (batch, direction, channel); thread k owns Q = 4 consecutive positions
-// 4k .. 4k+3 of a row. Inputs travel in groups of VEC = 16 / sizeof(T) rows, double-buffered with
-// cp.async: the block copies the group's rows of every tensor into a shared tile [tensor][step][position],
+// 4k .. 4k+3 of a row. Inputs travel in groups of kRowGroup rows, double-buffered with cp.async: the block copies the group's rows of every tensor into a shared tile [tensor][step][position],
 // so that a step reads its four positions with one vector load per tensor. y and the float32 state go
 // out as one contiguous row per step.
 #pragma once
@@ -14,10 +13,11 @@ namespace gspn {
 
 constexpr int kRowQ = 4;
 constexpr int kRowMaxThreads = 256;  // rows of up to 1024 positions
+constexpr int kRowGroup = 2;         // rows staged per group
 
-// Shared memory of rows_scan_kernel: two stages of 6 tensors x VEC rows, then the warp edges.
-inline size_t rows_smem(int threads) {
-  return size_t(2) * kScanTensors * 16 * kRowQ * threads + WarpEdges::bytes(threads);
+// Shared memory of rows_scan_kernel: two stages of 6 tensors x kRowGroup rows, then the warp edges.
+inline size_t rows_smem(int threads, size_t element) {
+  return size_t(2) * kScanTensors * kRowGroup * kRowQ * threads * element + WarpEdges::bytes(threads);
 }
 
 template <typename T, int N>
@@ -42,12 +42,13 @@ template <typename T, bool kAdjoint>
 __global__ void __launch_bounds__(kRowMaxThreads)
     rows_scan_kernel(const T* __restrict__ x, const T* __restrict__ gates, const T* __restrict__ lam,
                      const T* __restrict__ u, T* __restrict__ y, float* __restrict__ state, Shape s) {
-  constexpr int VEC = 16 / int(sizeof(T));  // rows per group
+  constexpr int VEC = 16 / int(sizeof(T));  // positions per 16-byte chunk
+  constexpr int RG = kRowGroup;
   constexpr int NT = kScanTensors;
   enum { G0 = 0, G1 = 1, G2 = 2, XS = 3, LAMS = 4, US = 5 };
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int cap = kRowQ * blockDim.x;
-  const size_t buffer = size_t(NT) * VEC * cap;  // elements of one stage
+  const size_t buffer = size_t(NT) * RG * cap;  // elements of one stage
   T* buffers = reinterpret_cast<T*>(smem_raw);
   const WarpEdges ex{reinterpret_cast<float*>(smem_raw + 2 * buffer * sizeof(T)), int(blockDim.x / 32),
                      int(threadIdx.x / 32), int(threadIdx.x % 32)};
@@ -57,19 +58,19 @@ __global__ void __launch_bounds__(kRowMaxThreads)
   const T* planes[NT] = {io.gate[0], io.gate[1], io.gate[2], io.a0, io.a1, io.u};  // step input a = XS * LAMS
   ex.clear();
 
-  const int groups = (ln.T + VEC - 1) / VEC;
+  const int groups = (ln.T + RG - 1) / RG;
   const int i0 = kRowQ * threadIdx.x;  // first of this thread's positions
   const bool active = i0 < ln.L;       // L = W is a multiple of VEC, so quads are whole
   Stepper<kRowQ, kAdjoint> stepper(ln, s.chunk);
   auto no_halo = [](const float (&)[kRowQ]) {};
 
   auto tile_of = [&](int grp) { return buffers + (grp & 1) * buffer; };
-  auto tslot = [&](T* tile, int k, int st) { return tile + (size_t(k) * VEC + st) * cap; };
+  auto tslot = [&](T* tile, int k, int st) { return tile + (size_t(k) * RG + st) * cap; };
   auto stage = [&](int grp) {
-    const int t0 = grp * VEC;
+    const int t0 = grp * RG;
     T* tile = tile_of(grp);
-    const int chunks_per_row = ln.L / VEC;  // a 16-byte chunk holds VEC positions
-    for (int ch = threadIdx.x; ch < chunks_per_row * VEC; ch += blockDim.x) {
+    const int chunks_per_row = ln.L / VEC;
+    for (int ch = threadIdx.x; ch < chunks_per_row * RG; ch += blockDim.x) {
       const int st = ch / chunks_per_row;
       const int e = (ch - st * chunks_per_row) * VEC;
       if (t0 + st >= ln.T) continue;
@@ -89,25 +90,33 @@ __global__ void __launch_bounds__(kRowMaxThreads)
     cp_async_commit();
 
     T* tile = tile_of(grp);
-    const int t0 = grp * VEC;
-#pragma unroll 1
-    for (int st = 0; st < VEC; ++st) {
-      const int t = t0 + st;
-      if (t >= ln.T) break;  // uniform across the block
-      float a[kRowQ] = {}, g0[kRowQ] = {}, g1[kRowQ] = {}, g2[kRowQ] = {};
-      if (active) {
-        load_quad<T, kRowQ>(tslot(tile, XS, st) + i0, a);
+    const int t0 = grp * RG;
+    // The weights and inputs of the group's rows first (independent of the state), then the steps.
+    Weights<kRowQ> wt[RG];
+    float a[RG][kRowQ] = {};
+#pragma unroll
+    for (int st = 0; st < RG; ++st) {
+      float g0[kRowQ] = {}, g1[kRowQ] = {}, g2[kRowQ] = {};
+      if (active && t0 + st < ln.T) {
+        load_quad<T, kRowQ>(tslot(tile, XS, st) + i0, a[st]);
         if (planes[LAMS]) {
           float lv[kRowQ];
           load_quad<T, kRowQ>(tslot(tile, LAMS, st) + i0, lv);
 #pragma unroll
-          for (int q = 0; q < kRowQ; ++q) a[q] *= lv[q];
+          for (int q = 0; q < kRowQ; ++q) a[st][q] *= lv[q];
         }
         load_quad<T, kRowQ>(tslot(tile, G0, st) + i0, g0);
         load_quad<T, kRowQ>(tslot(tile, G1, st) + i0, g1);
         load_quad<T, kRowQ>(tslot(tile, G2, st) + i0, g2);
       }
-      stepper.step(ex, a, g0, g1, g2, i0, ln.L, no_halo);
+      wt[st] = Weights<kRowQ>(g0, g1, g2, i0, ln.L);
+      pin(wt[st]);
+    }
+#pragma unroll
+    for (int st = 0; st < RG; ++st) {
+      const int t = t0 + st;
+      if (t >= ln.T) break;  // uniform across the block
+      stepper.step(ex, a[st], wt[st], i0, ln.L, no_halo);
       if (active) {
         const float(&h)[kRowQ] = stepper.state;
         if constexpr (!kAdjoint) {

@@ -18,19 +18,45 @@ constexpr int kScanTensors = 6;
 // A compile-time flag passed to a generic lambda, so that one body serves both scan orders.
 template <bool B> struct Flag { static constexpr bool value = B; };
 
-// Tap weights applied to this thread's positions: next[q] += sum_k w_k h_prev[i + k - 1]; the neighbours
-// of the first and last position on the previous line arrive in `left` and `right`.
+// The normalised tap weights of positions i0 .. i0+Q-1 of one line, from the gate logits g0, g1, g2.
+// The line-parallel kernels compute them ahead of the steps that use them, so that a step's chain of
+// dependent instructions between two barriers is the propagation alone.
+template <int Q>
+struct Weights {
+  float w[3][Q];
+  __device__ __forceinline__ Weights() {}
+  __device__ __forceinline__ Weights(const float (&g0)[Q], const float (&g1)[Q], const float (&g2)[Q], int i0, int L) {
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      const Taps<float> taps(g0[q], g1[q], g2[q], i0 + q > 0, i0 + q < L - 1);
+#pragma unroll
+      for (int k = 0; k < 3; ++k) w[k][q] = taps.w(k);
+    }
+  }
+};
+
+// Keeps the compiler from moving the computation of v past this point: weights computed ahead of a run
+// of steps would otherwise sink into the step that uses them, behind its barrier.
+__device__ __forceinline__ void pin(float& v) { asm volatile("" : "+f"(v)); }
+template <int Q>
+__device__ __forceinline__ void pin(Weights<Q>& wt) {
+#pragma unroll
+  for (int k = 0; k < 3; ++k)
+#pragma unroll
+    for (int q = 0; q < Q; ++q) pin(wt.w[k][q]);
+}
+
+// next[q] += sum_k w_k h_prev[i + k - 1] unless the line starts a chunk; the neighbours of the first and
+// last position on the previous line arrive in `left` and `right`.
 template <int Q>
 __device__ __forceinline__ void propagate(float (&next)[Q], const float (&h)[Q], float left, float right,
-                                          const float (&g0)[Q], const float (&g1)[Q], const float (&g2)[Q], int i0,
-                                          int L) {
+                                          const Weights<Q>& wt, bool restart) {
 #pragma unroll
   for (int q = 0; q < Q; ++q) {
-    const int i = i0 + q;
-    const Taps<float> taps(g0[q], g1[q], g2[q], i > 0, i < L - 1);
     const float hl = q > 0 ? h[q - 1] : left;
     const float hr = q + 1 < Q ? h[q + 1] : right;
-    next[q] += taps.w(0) * hl + taps.w(1) * h[q] + taps.w(2) * hr;
+    const float arrived = wt.w[0][q] * hl + wt.w[1][q] * h[q] + wt.w[2][q] * hr;
+    next[q] = restart ? next[q] : next[q] + arrived;  // a select, not a branch around the weights' use
   }
 }
 
@@ -45,22 +71,16 @@ __device__ __forceinline__ void gather(float (&gh)[Q], const float (&m0)[Q], con
 }
 
 // What this thread's positions send to the next line of the adjoint scan: m_k[q] = w_k gh[q] (zero where
-// a chunk starts, and past the line).
+// a chunk starts; positions outside the line hold gh = 0).
 template <int Q>
 __device__ __forceinline__ void scatter(float (&m0)[Q], float (&m1)[Q], float (&m2)[Q], const float (&gh)[Q],
-                                        const float (&g0)[Q], const float (&g1)[Q], const float (&g2)[Q], int i0,
-                                        int L, bool restart) {
+                                        const Weights<Q>& wt, bool restart) {
 #pragma unroll
   for (int q = 0; q < Q; ++q) {
-    const int i = i0 + q;
-    if (restart || i < 0 || i >= L) {
-      m0[q] = m1[q] = m2[q] = 0.f;
-      continue;
-    }
-    const Taps<float> taps(g0[q], g1[q], g2[q], i > 0, i < L - 1);
-    m0[q] = taps.w(0) * gh[q];
-    m1[q] = taps.w(1) * gh[q];
-    m2[q] = taps.w(2) * gh[q];
+    const float v = restart ? 0.f : gh[q];
+    m0[q] = wt.w[0][q] * v;
+    m1[q] = wt.w[1][q] * v;
+    m2[q] = wt.w[2][q] * v;
   }
 }
 
@@ -89,9 +109,9 @@ struct WarpEdges {
 };
 
 // The step of a thread's Q positions i0 .. i0+Q-1 (positions outside [0, L) hold zero), forward or
-// adjoint. `a` holds the step's input; `state` becomes the new line's state (h, or gh in the adjoint).
-// `between(state)` runs after the state is final and before the warp edges go out (the column kernel
-// refreshes its halo there).
+// adjoint. `a` holds the step's input and `wt` the line's tap weights; `state` becomes the new line's
+// state (h, or gh in the adjoint). `between(state)` runs after the state is final and before the warp
+// edges go out (the column kernel refreshes its halo there).
 template <int Q, bool kAdjoint>
 struct Stepper {
   float state[Q] = {};
@@ -101,8 +121,7 @@ struct Stepper {
   __device__ __forceinline__ Stepper(const Lines& ln, int chunk) : phase(kAdjoint ? ln.T - 1 : 0, chunk) {}
 
   template <typename Between>
-  __device__ __forceinline__ void step(const WarpEdges& ex, float (&a)[Q], const float (&g0)[Q],
-                                       const float (&g1)[Q], const float (&g2)[Q], int i0, int L,
+  __device__ __forceinline__ void step(const WarpEdges& ex, float (&a)[Q], const Weights<Q>& wt, int i0, int L,
                                        Between&& between) {
     const bool restart = phase.starts();  // forward: nothing arrives; adjoint: nothing leaves
     float left, right;
@@ -113,12 +132,12 @@ struct Stepper {
 #pragma unroll
       for (int q = 0; q < Q; ++q) state[q] = (i0 + q >= 0 && i0 + q < L) ? a[q] : 0.f;
       between(state);
-      scatter(m0, m1, m2, state, g0, g1, g2, i0, L, restart);
+      scatter(m0, m1, m2, state, wt, restart);
       ex.publish(m0[0], m2[Q - 1], parity);
     } else {
       phase.forward();
       ex.neighbours(state[0], state[Q - 1], parity, left, right);
-      if (!restart) propagate(a, state, left, right, g0, g1, g2, i0, L);
+      propagate(a, state, left, right, wt, restart);
 #pragma unroll
       for (int q = 0; q < Q; ++q) state[q] = (i0 + q >= 0 && i0 + q < L) ? a[q] : 0.f;
       between(state);
