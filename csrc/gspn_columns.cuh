@@ -11,7 +11,8 @@
 // through distributed shared memory: one cluster barrier per kHalo steps, not one per step (an
 // exchange costs about 1 us, benchmarks/probes/cluster_exchange.cu).
 //
-// Thread k owns row first - halo + k (Q = 1) and writes y as kColumnBytes per row and group.
+// Thread k owns row first - halo + k (Q = 1) in each of the K channels of one gate group the block scans,
+// and writes y as kColumnBytes per row and group.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -37,15 +38,16 @@ struct ColumnSplit {
         threads((band + 2 * halo + 31) / 32 * 32) {}
 };
 
-// Shared memory of columns_scan_kernel: two stages of 6 tensors x kColumnBytes per row, the warp edges,
-// and the halo inbox [2][top, bottom][kHalo].
-inline size_t columns_smem(int threads) {
-  return size_t(2) * kScanTensors * kColumnBytes * threads + WarpEdges::bytes(threads) + 4 * kHalo * sizeof(float);
+// Shared memory of columns_scan_kernel: two stages of the staged tensors x kColumnBytes per row, the warp
+// edges, and the halo inbox [2][top, bottom][K][kHalo].
+inline size_t columns_smem(int threads, int K) {
+  const size_t edges = K == 2 ? WarpEdges<2>::bytes(threads) : WarpEdges<1>::bytes(threads);
+  return size_t(2) * staged_tensors(K) * kColumnBytes * threads + edges + 4 * K * kHalo * sizeof(float);
 }
 
 // Arguments as rows_scan_kernel's. Launched in clusters of ColumnSplit(H).cluster blocks, one cluster
-// per (batch, column direction, channel).
-template <typename T, bool kAdjoint>
+// per (batch, column direction, K channels).
+template <typename T, bool kAdjoint, int K>
 __global__ void __launch_bounds__(kColumnMaxThreads)
     columns_scan_kernel(const T* __restrict__ x, const T* __restrict__ gates, const T* __restrict__ lam,
                         const T* __restrict__ u, T* __restrict__ y, float* __restrict__ state, Shape s) {
@@ -53,22 +55,31 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   constexpr int VEC = 16 / int(sizeof(T));
   constexpr int SPAN = kColumnBytes / 16;  // 16-byte vectors per row and tensor in a group
   constexpr int STEPS = SPAN * VEC;        // scan steps per group
-  constexpr int NT = kScanTensors;
-  enum { G0 = 0, G1 = 1, G2 = 2, XS = 3, LAMS = 4, US = 5 };
+  constexpr int NT = staged_tensors(K);
+  enum { G0 = 0, G1 = 1, G2 = 2 };
+  auto XS = [](int k) { return 3 + 3 * k; };  // tensor of channel k's first factor of a; then lam (or u), u
   using Vec = Pack<T, VEC>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Vec* slots = reinterpret_cast<Vec*>(smem_raw);
   const size_t slot_bytes = size_t(2) * NT * SPAN * blockDim.x * sizeof(Vec);
-  const WarpEdges ex{reinterpret_cast<float*>(smem_raw + slot_bytes), int(blockDim.x / 32), int(threadIdx.x / 32),
-                     int(threadIdx.x % 32)};
-  float* inbox = reinterpret_cast<float*>(smem_raw + slot_bytes + WarpEdges::bytes(blockDim.x));
+  const WarpEdges<K> ex{reinterpret_cast<float*>(smem_raw + slot_bytes), int(blockDim.x / 32),
+                        int(threadIdx.x / 32), int(threadIdx.x % 32)};
+  float* inbox = reinterpret_cast<float*>(smem_raw + slot_bytes + WarpEdges<K>::bytes(blockDim.x));
 
   const cg::cluster_group cluster = cg::this_cluster();
   const ColumnSplit split(s.H);
   const int rank = int(cluster.block_rank());
-  const ScanPlanes<T, kAdjoint> io(PlaneId(blockIdx.x / split.cluster, s.C, 0, 2), x, gates, lam, u, y, state, s);
+  const ScanPlanes<T, kAdjoint> io(PlaneId(blockIdx.x / split.cluster, s.C, K, 0, 2), x, gates, lam, u, y, state,
+                                   s);
   const Lines& ln = io.ln;
-  const T* planes[NT] = {io.gate[0], io.gate[1], io.gate[2], io.a0, io.a1, io.u};  // step input a = XS * LAMS
+  const T* planes[NT];
+  planes[G0] = io.gate[0], planes[G1] = io.gate[1], planes[G2] = io.gate[2];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    planes[XS(k)] = io.a0 + k * io.plane;
+    planes[XS(k) + 1] = io.a1 ? io.a1 + k * io.plane : nullptr;
+    planes[XS(k) + 2] = io.u ? io.u + k * io.plane : nullptr;
+  }
   const int first = rank * split.band, last = min(ln.L, first + split.band);  // the band this block owns
   const int i = first - split.halo + int(threadIdx.x);                         // this thread's row
   const bool scanned = i >= 0 && i < ln.L && i < last + split.halo;
@@ -77,25 +88,33 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   cluster.sync();  // every block of the cluster runs (its shared memory exists) and the edges are clear
 
   // Run by each step once the state is final: rows this block does not scan stay zero.
-  auto keep_scanned = [&](float (&h)[1]) {
-    if (!scanned) h[0] = 0.f;
+  auto keep_scanned = [&](float (&h)[K][1]) {
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (!scanned) h[k][0] = 0.f;
   };
   // Run by the last step of each vector instead: every kHalo steps (a multiple of VEC), the halo also
   // takes the neighbours' fresh edge rows.
   int since = 0, box = 0;
-  auto refresh_halo = [&](float (&h)[1]) {
+  auto refresh_halo = [&](float (&h)[K][1]) {
     keep_scanned(h);
     since += VEC;
     if (split.halo == 0 || since < kHalo) return;
     since = 0;
-    float* mail = inbox + box * 2 * kHalo;  // [top halo, bottom halo]
-    if (owned && rank > 0 && i < first + kHalo)  // the block above: its bottom halo
-      cluster.map_shared_rank(mail, rank - 1)[kHalo + i - first] = h[0];
-    if (owned && rank + 1 < split.cluster && i >= last - kHalo)  // the block below: its top halo
-      cluster.map_shared_rank(mail, rank + 1)[i - (last - kHalo)] = h[0];
+    float* mail = inbox + box * 2 * K * kHalo;  // [top halo, bottom halo][K][kHalo]
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (owned && rank > 0 && i < first + kHalo)  // the block above: its bottom halo
+        cluster.map_shared_rank(mail, rank - 1)[(K + k) * kHalo + i - first] = h[k][0];
+      if (owned && rank + 1 < split.cluster && i >= last - kHalo)  // the block below: its top halo
+        cluster.map_shared_rank(mail, rank + 1)[k * kHalo + i - (last - kHalo)] = h[k][0];
+    }
     cluster.sync();
-    if (scanned && i < first) h[0] = mail[i - (first - kHalo)];
-    if (scanned && i >= last) h[0] = mail[kHalo + i - last];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (scanned && i < first) h[k][0] = mail[k * kHalo + i - (first - kHalo)];
+      if (scanned && i >= last) h[k][0] = mail[(K + k) * kHalo + i - last];
+    }
     box ^= 1;
   };
   static_assert(kHalo % VEC == 0, "the halo is refreshed at the end of a vector");
@@ -121,13 +140,21 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
         if (planes[k]) cp_async16(slot(grp & 1, k, j, r), planes[k] + off);
     }
   };
+  // This thread's vector j of tensor k in stage `stage` as float32, memory order (zero where nothing was
+  // staged, so that unscanned rows stay finite).
+  auto take = [&](int stage, int k, int j, float (&out)[VEC]) {
+    const Vec v = (planes[k] && scanned) ? *slot(stage, k, j, threadIdx.x) : Vec{};
+#pragma unroll
+    for (int m = 0; m < VEC; ++m) out[m] = to_acc(v.v[m]);
+  };
 
-  Stepper<1, kAdjoint> stepper(ln, s.chunk);
+  Stepper<1, K, kAdjoint> stepper(ln, s.chunk);
   const int groups = (ln.T + STEPS - 1) / STEPS;
   // Reversed lines walk each vector from its end: the body is compiled once per order so that every
   // register index stays a compile-time constant.
   auto scan = [&](auto reversed_flag) {
     constexpr bool kReversed = decltype(reversed_flag)::value;
+    auto mem = [](int st) { return kReversed ? VEC - 1 - st : st; };  // step st's place inside a vector
     stage(0);
     cp_async_commit();
     for (int grp = 0; grp < groups; ++grp) {
@@ -135,8 +162,8 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
       __syncthreads();  // the group's copies of every thread have landed
       if (grp + 1 < groups) stage(grp + 1);  // into the other stage, consumed a group ago
       cp_async_commit();
-      const int n = vectors_in(grp);
-      Vec out[SPAN];  // forward: y of the group, written at its end
+      const int n = vectors_in(grp), now = grp & 1;
+      Vec out[K][SPAN];  // forward: y of the group, written at its end
       (void)out;
 #pragma unroll
       for (int j = 0; j < SPAN; ++j) {
@@ -144,44 +171,59 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
         // The weights and inputs of the vector's VEC steps first (independent of the state), then
         // the steps, then y = u h.
         Weights<1> wt[VEC];
-        float a[VEC][1];
+        float a[VEC][K][1];
         {
-          Vec in[NT];  // zero where nothing was staged, so that unscanned rows stay finite
+          float g[3][VEC];
 #pragma unroll
-          for (int k = 0; k < US; ++k) in[k] = (planes[k] && scanned) ? *slot(grp & 1, k, j, threadIdx.x) : Vec{};
+          for (int k = 0; k < 3; ++k) take(now, k, j, g[k]);
 #pragma unroll
           for (int st = 0; st < VEC; ++st) {
-            const int m = kReversed ? VEC - 1 - st : st;  // memory order inside the vector
-            const float g0[1] = {to_acc(in[G0].v[m])}, g1[1] = {to_acc(in[G1].v[m])}, g2[1] = {to_acc(in[G2].v[m])};
+            const float g0[1] = {g[0][mem(st)]}, g1[1] = {g[1][mem(st)]}, g2[1] = {g[2][mem(st)]};
             wt[st] = Weights<1>(g0, g1, g2, i, ln.L);
-            a[st][0] = to_acc(in[XS].v[m]);
-            if (planes[LAMS]) a[st][0] *= to_acc(in[LAMS].v[m]);
             pin(wt[st]);
-            pin(a[st][0]);
+          }
+#pragma unroll
+          for (int k = 0; k < K; ++k) {
+            float xa[VEC], xb[VEC];
+            take(now, XS(k), j, xa);
+            take(now, XS(k) + 1, j, xb);
+#pragma unroll
+            for (int st = 0; st < VEC; ++st) {
+              a[st][k][0] = planes[XS(k) + 1] ? xa[mem(st)] * xb[mem(st)] : xa[mem(st)];
+              pin(a[st][k][0]);
+            }
           }
         }
-        float h[VEC];
+        float h[K][VEC];
 #pragma unroll
         for (int st = 0; st < VEC; ++st) {
           if (st + 1 < VEC) stepper.step(ex, a[st], wt[st], i, ln.L, keep_scanned);
           else stepper.step(ex, a[st], wt[st], i, ln.L, refresh_halo);
-          h[st] = stepper.state[0];
-          if (io.state && owned) io.state[ln.state_offset(grp * STEPS + j * VEC + st, i)] = h[st];
+#pragma unroll
+          for (int k = 0; k < K; ++k) {
+            h[k][st] = stepper.state[k][0];
+            if (io.state && owned)
+              io.state[k * io.plane + ln.state_offset(grp * STEPS + j * VEC + st, i)] = h[k][st];
+          }
         }
         if constexpr (!kAdjoint) {
-          const Vec uv = (planes[US] && scanned) ? *slot(grp & 1, US, j, threadIdx.x) : Vec{};
 #pragma unroll
-          for (int st = 0; st < VEC; ++st) {
-            const int m = kReversed ? VEC - 1 - st : st;
-            out[j].v[m] = from_acc<T>(planes[US] ? to_acc(uv.v[m]) * h[st] : h[st]);
+          for (int k = 0; k < K; ++k) {
+            float uv[VEC];
+            take(now, XS(k) + 2, j, uv);
+#pragma unroll
+            for (int st = 0; st < VEC; ++st)
+              out[k][j].v[mem(st)] = from_acc<T>(planes[XS(k) + 2] ? uv[mem(st)] * h[k][st] : h[k][st]);
           }
         }
       }
       if constexpr (!kAdjoint) {
         if (owned) {
 #pragma unroll
-          for (int j = 0; j < SPAN; ++j)
-            if (j < n) *reinterpret_cast<Vec*>(io.y + first_of(grp * STEPS + j * VEC, i)) = out[j];
+          for (int k = 0; k < K; ++k)
+#pragma unroll
+            for (int j = 0; j < SPAN; ++j)
+              if (j < n) *reinterpret_cast<Vec*>(io.y + k * io.plane + first_of(grp * STEPS + j * VEC, i)) = out[k][j];
         }
       }
     }

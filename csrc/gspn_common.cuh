@@ -42,15 +42,20 @@ struct Lines {
 };
 
 // The (batch, direction, channel) a block scans. Blocks enumerate them with the channel fastest, over
-// `directions` directions from `first` on: all four for the generic kernels, a pair (rows or columns)
-// for the line-parallel ones.
+// `directions` directions from `first` on (all four for the generic kernels, a pair, rows or columns, for
+// the line-parallel ones), and K consecutive channels c .. c+K-1 of one gate group per block.
 struct PlaneId {
   int b, d, c;
-  __device__ __forceinline__ PlaneId(int block, int C, int first, int directions)
-      : b(block / C / directions), d(first + block / C % directions), c(block % C) {}
+  __device__ __forceinline__ PlaneId(int block, int C, int K, int first, int directions) {
+    const int per_direction = C / K;
+    c = block % per_direction * K;
+    d = first + block / per_direction % directions;
+    b = block / per_direction / directions;
+  }
 };
 
-// What the block scanning one (batch, direction, channel) reads and writes.
+// What the block scanning one (batch, direction, channel) reads and writes; the planes of the next
+// channels follow at `plane` elements.
 // Forward: step input a = x lam, y = u h, state = h. Adjoint (the backward's reverse scan, see
 // gspn_step.cuh): x is grad_y (B, 4, C, H, W), a = grad_y u (grad_y when u is null), no y, state = gh,
 // and the lines are walked in reverse.
@@ -64,11 +69,12 @@ struct ScanPlanes {
   const T* u;  // forward only (may be null)
   T* y;        // forward only
   float* state;  // may be null in the forward
+  int64_t plane;  // elements of one H x W plane: the next channel's planes of a0, a1, u, y, state
   __device__ __forceinline__ ScanPlanes(PlaneId id, const T* x, const T* gates, const T* lam, const T* u_, T* y_,
                                         float* state_, const Shape& s)
       : d(id.d), ln(kAdjoint ? d ^ 1 : d, s.H, s.W) {
     const int c = id.c, b = id.b, g = c / (s.C / s.G);
-    const int64_t plane = int64_t(s.H) * s.W;
+    plane = int64_t(s.H) * s.W;
     const int64_t dense = ((int64_t(b) * 4 + d) * s.C + c) * plane;  // (b, d, c) of a dense (B, 4, C, H, W)
     for (int k = 0; k < 3; ++k) gate[k] = gates + b * s.gates_batch_stride + ((int64_t(d) * 3 + k) * s.G + g) * plane;
     const T* u_plane = u_ ? u_ + b * s.u_batch_stride + (int64_t(d) * s.C + c) * plane : nullptr;

@@ -70,15 +70,21 @@ cudaError_t launch_scan(const T* x, const T* gates, const T* lam, const T* u, T*
                         bool aligned, cudaStream_t stream) {
   const int longest = std::max(s.H, s.W);
   void* args[] = {&x, &gates, &lam, &u, &y, &state, &s};
-  const unsigned planes = unsigned(s.B) * 2 * s.C;  // of the row directions, and of the column directions
   if (aligned && s.W % (16 / int(sizeof(T))) == 0 && s.W <= kRowQ * kRowMaxThreads &&
       s.H <= kBand * kColumnMaxBlocks) {
+    const int K = channels_per_block(s.C, s.G);
+    const unsigned blocks = unsigned(s.B) * 2 * s.C / K;  // (batch, direction of the pair, K channels)
     const int row_threads = ((s.W + kRowQ - 1) / kRowQ + 31) / 32 * 32;
-    cudaError_t err = launch(rows_scan_kernel<T, kAdjoint>, planes, row_threads, rows_smem(row_threads, sizeof(T)), stream, args);
+    const size_t row_smem = rows_smem(row_threads, sizeof(T), K);
+    cudaError_t err = K == 2 ? launch(rows_scan_kernel<T, kAdjoint, 2>, blocks, row_threads, row_smem, stream, args)
+                             : launch(rows_scan_kernel<T, kAdjoint, 1>, blocks, row_threads, row_smem, stream, args);
     if (err != cudaSuccess) return err;
     const ColumnSplit split(s.H);
-    return launch_clusters(columns_scan_kernel<T, kAdjoint>, planes * split.cluster, split.cluster, split.threads,
-                           columns_smem(split.threads), stream, args);
+    const size_t column_smem = columns_smem(split.threads, K);
+    return K == 2 ? launch_clusters(columns_scan_kernel<T, kAdjoint, 2>, blocks * split.cluster, split.cluster,
+                                    split.threads, column_smem, stream, args)
+                  : launch_clusters(columns_scan_kernel<T, kAdjoint, 1>, blocks * split.cluster, split.cluster,
+                                    split.threads, column_smem, stream, args);
   }
   cudaError_t err = cudaSuccess;
   const int p = positions_per_thread(longest, kMaxThreads);

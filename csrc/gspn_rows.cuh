@@ -1,10 +1,11 @@
 // Row scans (d = 2, 3) of 16-byte-aligned grids with rows of at most kRowMaxThreads * kRowQ positions:
 // the forward, and the backward's adjoint scan (gspn_step.cuh has both recurrences).
 //
-// A block scans the rows of one (batch, direction, channel); thread k owns Q = 4 consecutive positions
-// 4k .. 4k+3 of a row. Inputs travel in groups of kRowGroup rows, double-buffered with cp.async: the block copies the group's rows of every tensor into a shared tile [tensor][step][position],
-// so that a step reads its four positions with one vector load per tensor. y and the float32 state go
-// out as one contiguous row per step.
+// A block scans the rows of one (batch, direction) in K channels of one gate group; thread k owns Q = 4
+// consecutive positions 4k .. 4k+3 of a row in each channel. Inputs travel in groups of kRowGroup rows,
+// double-buffered with cp.async: the block copies the group's rows of every tensor into a shared tile
+// [tensor][step][position], so that a step reads its four positions with one vector load per tensor. y
+// and the float32 state go out as one contiguous row per step.
 #pragma once
 
 #include "gspn_step.cuh"
@@ -15,9 +16,11 @@ constexpr int kRowQ = 4;
 constexpr int kRowMaxThreads = 256;  // rows of up to 1024 positions
 constexpr int kRowGroup = 2;         // rows staged per group
 
-// Shared memory of rows_scan_kernel: two stages of 6 tensors x kRowGroup rows, then the warp edges.
-inline size_t rows_smem(int threads, size_t element) {
-  return size_t(2) * kScanTensors * kRowGroup * kRowQ * threads * element + WarpEdges::bytes(threads);
+// Shared memory of rows_scan_kernel: two stages of the staged tensors x kRowGroup rows, then the warp
+// edges.
+inline size_t rows_smem(int threads, size_t element, int K) {
+  const size_t edges = K == 2 ? WarpEdges<2>::bytes(threads) : WarpEdges<1>::bytes(threads);
+  return size_t(2) * staged_tensors(K) * kRowGroup * kRowQ * threads * element + edges;
 }
 
 template <typename T, int N>
@@ -37,32 +40,40 @@ __device__ __forceinline__ void store_quad(T* p, const float (&in)[N]) {
 
 // Forward (kAdjoint = false): x, lam, u as in the op; writes y = u h and, when `state` is not null, h.
 // Adjoint (kAdjoint = true): x is grad_y (B, 4, C, H, W), u the op's u (may be null), lam and y unused;
-// writes gh to `state`. One block per (batch, row direction, channel): B * 2 * C blocks.
-template <typename T, bool kAdjoint>
+// writes gh to `state`. One block per (batch, row direction, K channels): B * 2 * C / K blocks.
+template <typename T, bool kAdjoint, int K>
 __global__ void __launch_bounds__(kRowMaxThreads)
     rows_scan_kernel(const T* __restrict__ x, const T* __restrict__ gates, const T* __restrict__ lam,
                      const T* __restrict__ u, T* __restrict__ y, float* __restrict__ state, Shape s) {
   constexpr int VEC = 16 / int(sizeof(T));  // positions per 16-byte chunk
   constexpr int RG = kRowGroup;
-  constexpr int NT = kScanTensors;
-  enum { G0 = 0, G1 = 1, G2 = 2, XS = 3, LAMS = 4, US = 5 };
+  constexpr int NT = staged_tensors(K);
+  enum { G0 = 0, G1 = 1, G2 = 2 };
+  auto XS = [](int k) { return 3 + 3 * k; };  // tensor of channel k's first factor of a; then lam (or u), u
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int cap = kRowQ * blockDim.x;
   const size_t buffer = size_t(NT) * RG * cap;  // elements of one stage
   T* buffers = reinterpret_cast<T*>(smem_raw);
-  const WarpEdges ex{reinterpret_cast<float*>(smem_raw + 2 * buffer * sizeof(T)), int(blockDim.x / 32),
-                     int(threadIdx.x / 32), int(threadIdx.x % 32)};
+  const WarpEdges<K> ex{reinterpret_cast<float*>(smem_raw + 2 * buffer * sizeof(T)), int(blockDim.x / 32),
+                        int(threadIdx.x / 32), int(threadIdx.x % 32)};
 
-  const ScanPlanes<T, kAdjoint> io(PlaneId(blockIdx.x, s.C, 2, 2), x, gates, lam, u, y, state, s);
+  const ScanPlanes<T, kAdjoint> io(PlaneId(blockIdx.x, s.C, K, 2, 2), x, gates, lam, u, y, state, s);
   const Lines& ln = io.ln;
-  const T* planes[NT] = {io.gate[0], io.gate[1], io.gate[2], io.a0, io.a1, io.u};  // step input a = XS * LAMS
+  const T* planes[NT];
+  planes[G0] = io.gate[0], planes[G1] = io.gate[1], planes[G2] = io.gate[2];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    planes[XS(k)] = io.a0 + k * io.plane;
+    planes[XS(k) + 1] = io.a1 ? io.a1 + k * io.plane : nullptr;
+    planes[XS(k) + 2] = io.u ? io.u + k * io.plane : nullptr;
+  }
   ex.clear();
 
   const int groups = (ln.T + RG - 1) / RG;
   const int i0 = kRowQ * threadIdx.x;  // first of this thread's positions
   const bool active = i0 < ln.L;       // L = W is a multiple of VEC, so quads are whole
-  Stepper<kRowQ, kAdjoint> stepper(ln, s.chunk);
-  auto no_halo = [](const float (&)[kRowQ]) {};
+  Stepper<kRowQ, K, kAdjoint> stepper(ln, s.chunk);
+  auto no_halo = [](const float (&)[K][kRowQ]) {};
 
   auto tile_of = [&](int grp) { return buffers + (grp & 1) * buffer; };
   auto tslot = [&](T* tile, int k, int st) { return tile + (size_t(k) * RG + st) * cap; };
@@ -93,21 +104,24 @@ __global__ void __launch_bounds__(kRowMaxThreads)
     const int t0 = grp * RG;
     // The weights and inputs of the group's rows first (independent of the state), then the steps.
     Weights<kRowQ> wt[RG];
-    float a[RG][kRowQ] = {};
+    float a[RG][K][kRowQ] = {};
 #pragma unroll
     for (int st = 0; st < RG; ++st) {
       float g0[kRowQ] = {}, g1[kRowQ] = {}, g2[kRowQ] = {};
       if (active && t0 + st < ln.T) {
-        load_quad<T, kRowQ>(tslot(tile, XS, st) + i0, a[st]);
-        if (planes[LAMS]) {
-          float lv[kRowQ];
-          load_quad<T, kRowQ>(tslot(tile, LAMS, st) + i0, lv);
-#pragma unroll
-          for (int q = 0; q < kRowQ; ++q) a[st][q] *= lv[q];
-        }
         load_quad<T, kRowQ>(tslot(tile, G0, st) + i0, g0);
         load_quad<T, kRowQ>(tslot(tile, G1, st) + i0, g1);
         load_quad<T, kRowQ>(tslot(tile, G2, st) + i0, g2);
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          load_quad<T, kRowQ>(tslot(tile, XS(k), st) + i0, a[st][k]);
+          if (planes[XS(k) + 1]) {
+            float lv[kRowQ];
+            load_quad<T, kRowQ>(tslot(tile, XS(k) + 1, st) + i0, lv);
+#pragma unroll
+            for (int q = 0; q < kRowQ; ++q) a[st][k][q] *= lv[q];
+          }
+        }
       }
       wt[st] = Weights<kRowQ>(g0, g1, g2, i0, ln.L);
       pin(wt[st]);
@@ -117,21 +131,24 @@ __global__ void __launch_bounds__(kRowMaxThreads)
       const int t = t0 + st;
       if (t >= ln.T) break;  // uniform across the block
       stepper.step(ex, a[st], wt[st], i0, ln.L, no_halo);
-      if (active) {
-        const float(&h)[kRowQ] = stepper.state;
+      if (!active) continue;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const float(&h)[kRowQ] = stepper.state[k];
         if constexpr (!kAdjoint) {
           float out[kRowQ];
-          if (planes[US]) {
-            load_quad<T, kRowQ>(tslot(tile, US, st) + i0, out);
+          if (planes[XS(k) + 2]) {
+            load_quad<T, kRowQ>(tslot(tile, XS(k) + 2, st) + i0, out);
 #pragma unroll
             for (int q = 0; q < kRowQ; ++q) out[q] *= h[q];
           } else {
 #pragma unroll
             for (int q = 0; q < kRowQ; ++q) out[q] = h[q];
           }
-          store_quad<T, kRowQ>(io.y + ln.offset(t, i0), out);
+          store_quad<T, kRowQ>(io.y + k * io.plane + ln.offset(t, i0), out);
         }
-        if (io.state) store_quad<float, kRowQ>(io.state + ln.state_offset(t, i0), h);  // = offset for rows
+        if (io.state)  // rows: state_offset = offset
+          store_quad<float, kRowQ>(io.state + k * io.plane + ln.state_offset(t, i0), h);
       }
     }
   }

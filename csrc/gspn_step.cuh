@@ -12,8 +12,9 @@
 
 namespace gspn {
 
-// Tensors the line-parallel scans stage: gate taps 0..2; the two factors of the step input a; u.
-constexpr int kScanTensors = 6;
+// Tensors the line-parallel scans stage for K channels: the three gate taps, then per channel the two
+// factors of the step input a, and u.
+__host__ __device__ constexpr int staged_tensors(int K) { return 3 + 3 * K; }
 
 // A compile-time flag passed to a generic lambda, so that one body serves both scan orders.
 template <bool B> struct Flag { static constexpr bool value = B; };
@@ -84,67 +85,100 @@ __device__ __forceinline__ void scatter(float (&m0)[Q], float (&m1)[Q], float (&
   }
 }
 
-// Edge values between the warps of the block, double-buffered by step parity: [2][warps][left, right].
+// Edge values between the warps of the block for K channels, double-buffered by step parity:
+// [2][warps][K][left, right].
+template <int K>
 struct WarpEdges {
   float* edges;
   int warps, warp, lane;
-  __host__ __device__ static constexpr size_t bytes(int threads) { return size_t(16) * (threads / 32); }
+  __host__ __device__ static constexpr size_t bytes(int threads) { return size_t(16) * K * (threads / 32); }
+  __device__ __forceinline__ float& at(int parity, int w, int k, int side) const {
+    return edges[((parity * warps + w) * K + k) * 2 + side];
+  }
   __device__ __forceinline__ void clear() const {
-    for (int k = threadIdx.x; k < 4 * warps; k += blockDim.x) edges[k] = 0.f;
+    for (int k = threadIdx.x; k < 4 * K * warps; k += blockDim.x) edges[k] = 0.f;
   }
   // What the neighbouring threads published on the previous line: `left` is the `last` of the thread
   // before, `right` the `first` of the thread after (zero outside the block).
-  __device__ __forceinline__ void neighbours(float first, float last, int parity, float& left, float& right) const {
-    left = __shfl_up_sync(0xffffffffu, last, 1);
-    right = __shfl_down_sync(0xffffffffu, first, 1);
-    if (lane == 0) left = warp > 0 ? edges[parity * 2 * warps + 2 * (warp - 1) + 1] : 0.f;
-    if (lane == 31) right = warp + 1 < warps ? edges[parity * 2 * warps + 2 * (warp + 1)] : 0.f;
+  __device__ __forceinline__ void neighbours(const float (&first)[K], const float (&last)[K], int parity,
+                                             float (&left)[K], float (&right)[K]) const {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      left[k] = __shfl_up_sync(0xffffffffu, last[k], 1);
+      right[k] = __shfl_down_sync(0xffffffffu, first[k], 1);
+      if (lane == 0) left[k] = warp > 0 ? at(parity, warp - 1, k, 1) : 0.f;
+      if (lane == 31) right[k] = warp + 1 < warps ? at(parity, warp + 1, k, 0) : 0.f;
+    }
   }
   // Publishes this step's warp edges, then the barrier that ends the step.
-  __device__ __forceinline__ void publish(float first, float last, int parity) const {
-    if (lane == 0) edges[(parity ^ 1) * 2 * warps + 2 * warp] = first;
-    if (lane == 31) edges[(parity ^ 1) * 2 * warps + 2 * warp + 1] = last;
+  __device__ __forceinline__ void publish(const float (&first)[K], const float (&last)[K], int parity) const {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (lane == 0) at(parity ^ 1, warp, k, 0) = first[k];
+      if (lane == 31) at(parity ^ 1, warp, k, 1) = last[k];
+    }
     __syncthreads();
   }
 };
 
-// The step of a thread's Q positions i0 .. i0+Q-1 (positions outside [0, L) hold zero), forward or
-// adjoint. `a` holds the step's input and `wt` the line's tap weights; `state` becomes the new line's
-// state (h, or gh in the adjoint). `between(state)` runs after the state is final and before the warp
-// edges go out (the column kernel refreshes its halo there).
-template <int Q, bool kAdjoint>
+// The step of a thread's Q positions i0 .. i0+Q-1 (positions outside [0, L) hold zero) in K channels
+// that share their gates, forward or adjoint. `a` holds the step's input and `wt` the line's tap weights
+// (one set for the K channels); `state` becomes the new line's state (h, or gh in the adjoint).
+// `between(state)` runs after the state is final and before the warp edges go out (the column kernel
+// refreshes its halo there).
+template <int Q, int K, bool kAdjoint>
 struct Stepper {
-  float state[Q] = {};
-  float m0[Q] = {}, m1[Q] = {}, m2[Q] = {};  // adjoint: this line's sends
+  float state[K][Q] = {};
+  float m0[K][Q] = {}, m1[K][Q] = {}, m2[K][Q] = {};  // adjoint: this line's sends
   int parity = 0;
   ChunkPhase phase;
   __device__ __forceinline__ Stepper(const Lines& ln, int chunk) : phase(kAdjoint ? ln.T - 1 : 0, chunk) {}
 
   template <typename Between>
-  __device__ __forceinline__ void step(const WarpEdges& ex, float (&a)[Q], const Weights<Q>& wt, int i0, int L,
-                                       Between&& between) {
+  __device__ __forceinline__ void step(const WarpEdges<K>& ex, float (&a)[K][Q], const Weights<Q>& wt, int i0,
+                                       int L, Between&& between) {
     const bool restart = phase.starts();  // forward: nothing arrives; adjoint: nothing leaves
-    float left, right;
+    float first[K], last[K], left[K], right[K];
     if constexpr (kAdjoint) {
       phase.backward();
-      ex.neighbours(m0[0], m2[Q - 1], parity, left, right);  // the sends that cross to the neighbours
-      gather(a, m0, m1, m2, left, right);
 #pragma unroll
-      for (int q = 0; q < Q; ++q) state[q] = (i0 + q >= 0 && i0 + q < L) ? a[q] : 0.f;
+      for (int k = 0; k < K; ++k) first[k] = m0[k][0], last[k] = m2[k][Q - 1];  // the sends that cross
+      ex.neighbours(first, last, parity, left, right);
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        gather(a[k], m0[k], m1[k], m2[k], left[k], right[k]);
+#pragma unroll
+        for (int q = 0; q < Q; ++q) state[k][q] = (i0 + q >= 0 && i0 + q < L) ? a[k][q] : 0.f;
+      }
       between(state);
-      scatter(m0, m1, m2, state, wt, restart);
-      ex.publish(m0[0], m2[Q - 1], parity);
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        scatter(m0[k], m1[k], m2[k], state[k], wt, restart);
+        first[k] = m0[k][0], last[k] = m2[k][Q - 1];
+      }
+      ex.publish(first, last, parity);
     } else {
       phase.forward();
-      ex.neighbours(state[0], state[Q - 1], parity, left, right);
-      propagate(a, state, left, right, wt, restart);
 #pragma unroll
-      for (int q = 0; q < Q; ++q) state[q] = (i0 + q >= 0 && i0 + q < L) ? a[q] : 0.f;
+      for (int k = 0; k < K; ++k) first[k] = state[k][0], last[k] = state[k][Q - 1];
+      ex.neighbours(first, last, parity, left, right);
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        propagate(a[k], state[k], left[k], right[k], wt, restart);
+#pragma unroll
+        for (int q = 0; q < Q; ++q) state[k][q] = (i0 + q >= 0 && i0 + q < L) ? a[k][q] : 0.f;
+      }
       between(state);
-      ex.publish(state[0], state[Q - 1], parity);
+#pragma unroll
+      for (int k = 0; k < K; ++k) first[k] = state[k][0], last[k] = state[k][Q - 1];
+      ex.publish(first, last, parity);
     }
     parity ^= 1;
   }
 };
+
+// Channels a line-parallel block scans together: two when they share a gate group, so that the tap
+// weights (most of a step's arithmetic) and the gate loads serve both.
+inline int channels_per_block(int C, int G) { return (C / G) % 2 == 0 ? 2 : 1; }
 
 }  // namespace gspn
