@@ -18,6 +18,7 @@
 #include <cooperative_groups.h>
 
 #include "gspn_step.cuh"
+#include "gspn_tma.cuh"
 
 namespace gspn {
 
@@ -26,6 +27,7 @@ constexpr int kHalo = 16;
 constexpr int kColumnBytes = 32;
 constexpr int kColumnMaxBlocks = 4;  // columns of up to 1024 rows
 constexpr int kColumnMaxThreads = kBand + 2 * kHalo;
+constexpr int kBoxRows = kColumnMaxThreads / 2;  // rows of one TMA box (at most 256)
 
 // How the blocks of one column plane split it: `cluster` blocks of `band` rows each (the last may hold
 // fewer), each scanning `halo` more rows on either side, one thread per row.
@@ -38,18 +40,23 @@ struct ColumnSplit {
         threads((band + 2 * halo + 31) / 32 * 32) {}
 };
 
-// Shared memory of columns_scan_kernel: two stages of the staged tensors x kColumnBytes per row, the warp
-// edges, and the halo inbox [2][top, bottom][K][kHalo].
+// TMA boxes per tensor that cover a block's rows, one thread per row.
+__host__ __device__ constexpr int column_boxes(int threads) { return (threads + kBoxRows - 1) / kBoxRows; }
+
+// Shared memory of columns_scan_kernel: two stages of the staged tensors (TMA boxes of kColumnBytes per
+// row, 128-byte aligned), the warp edges, the halo inbox [2][top, bottom][K][kHalo] and two mbarriers.
 inline size_t columns_smem(int threads, int K) {
   const size_t edges = K == 2 ? WarpEdges<2>::bytes(threads) : WarpEdges<1>::bytes(threads);
-  return size_t(2) * staged_tensors(K) * kColumnBytes * threads + edges + 4 * K * kHalo * sizeof(float);
+  return 128 + size_t(2) * staged_tensors(K) * column_boxes(threads) * kBoxRows * kColumnBytes + edges +
+         4 * K * kHalo * sizeof(float) + 2 * sizeof(uint64_t);
 }
 
-// Arguments as rows_scan_kernel's. Launched in clusters of ColumnSplit(H).cluster blocks, one cluster
-// per (batch, column direction, K channels).
+// Arguments as rows_scan_kernel's, and `maps` of the staged inputs (gates, x or grad_y, lam or u, u).
+// Launched in clusters of ColumnSplit(H).cluster blocks, one cluster per (batch, column direction, K
+// channels).
 template <typename T, bool kAdjoint, int K>
 __global__ void __launch_bounds__(kColumnMaxThreads)
-    columns_scan_kernel(const T* __restrict__ x, const T* __restrict__ gates, const T* __restrict__ lam,
+    columns_scan_kernel(const __grid_constant__ ColumnMaps maps, const T* __restrict__ x, const T* __restrict__ gates, const T* __restrict__ lam,
                         const T* __restrict__ u, T* __restrict__ y, float* __restrict__ state, Shape s) {
   namespace cg = cooperative_groups;
   constexpr int VEC = 16 / int(sizeof(T));
@@ -60,32 +67,49 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   auto XS = [](int k) { return 3 + 3 * k; };  // tensor of channel k's first factor of a; then lam (or u), u
   using Vec = Pack<T, VEC>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  Vec* slots = reinterpret_cast<Vec*>(smem_raw);
-  const size_t slot_bytes = size_t(2) * NT * SPAN * blockDim.x * sizeof(Vec);
-  const WarpEdges<K> ex{reinterpret_cast<float*>(smem_raw + slot_bytes), int(blockDim.x / 32),
+  unsigned char* stages = smem_raw + (128 - smem_address(smem_raw) % 128) % 128;  // TMA destinations
+  const int rows_staged = column_boxes(blockDim.x) * kBoxRows;
+  const size_t tensor_bytes = size_t(rows_staged) * kColumnBytes;  // one tensor of one stage
+  const size_t stage_bytes = NT * tensor_bytes;
+  const WarpEdges<K> ex{reinterpret_cast<float*>(stages + 2 * stage_bytes), int(blockDim.x / 32),
                         int(threadIdx.x / 32), int(threadIdx.x % 32)};
-  float* inbox = reinterpret_cast<float*>(smem_raw + slot_bytes + WarpEdges<K>::bytes(blockDim.x));
+  float* inbox = reinterpret_cast<float*>(stages + 2 * stage_bytes + WarpEdges<K>::bytes(blockDim.x));
+  uint64_t* landed = reinterpret_cast<uint64_t*>(inbox + 4 * K * kHalo);  // one mbarrier per stage
 
   const cg::cluster_group cluster = cg::this_cluster();
   const ColumnSplit split(s.H);
   const int rank = int(cluster.block_rank());
-  const ScanPlanes<T, kAdjoint> io(PlaneId(blockIdx.x / split.cluster, s.C, K, 0, 2), x, gates, lam, u, y, state,
-                                   s);
+  const PlaneId id(blockIdx.x / split.cluster, s.C, K, 0, 2);
+  const ScanPlanes<T, kAdjoint> io(id, x, gates, lam, u, y, state, s);
   const Lines& ln = io.ln;
   const T* planes[NT];
   planes[G0] = io.gate[0], planes[G1] = io.gate[1], planes[G2] = io.gate[2];
+  const CUtensorMap* map[NT];  // and where each tensor's plane sits in its map
+  int map_plane[NT];
+  const int g = id.c / (s.C / s.G);
+#pragma unroll
+  for (int k = 0; k < 3; ++k) map[k] = &maps.gates, map_plane[k] = (id.d * 3 + k) * s.G + g;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     planes[XS(k)] = io.a0 + k * io.plane;
     planes[XS(k) + 1] = io.a1 ? io.a1 + k * io.plane : nullptr;
     planes[XS(k) + 2] = io.u ? io.u + k * io.plane : nullptr;
+    const int dense = id.d * s.C + id.c + k;  // (d, c + k) inside a (4, C) batch item
+    map[XS(k)] = &maps.a0, map_plane[XS(k)] = kAdjoint ? dense : id.c + k;
+    map[XS(k) + 1] = &maps.a1, map_plane[XS(k) + 1] = dense;
+    map[XS(k) + 2] = &maps.u, map_plane[XS(k) + 2] = dense;
   }
   const int first = rank * split.band, last = min(ln.L, first + split.band);  // the band this block owns
   const int i = first - split.halo + int(threadIdx.x);                         // this thread's row
   const bool scanned = i >= 0 && i < ln.L && i < last + split.halo;
   const bool owned = i >= first && i < last;
   ex.clear();
-  cluster.sync();  // every block of the cluster runs (its shared memory exists) and the edges are clear
+  if (threadIdx.x == 0) {
+    mbarrier_init(landed, 1);
+    mbarrier_init(landed + 1, 1);
+    mbarrier_init_fence();
+  }
+  cluster.sync();  // every block of the cluster runs (its shared memory exists); edges and barriers are set
 
   // Run by each step once the state is final: rows this block does not scan stay zero.
   auto keep_scanned = [&](float (&h)[K][1]) {
@@ -119,31 +143,34 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   };
   static_assert(kHalo % VEC == 0, "the halo is refreshed at the end of a vector");
 
-  // Slot (stage, tensor, vector j) of row r of the block (thread r) in shared memory.
-  auto slot = [&](int stage, int k, int j, int r) {
-    return slots + ((size_t(stage) * NT + k) * SPAN + j) * blockDim.x + r;
-  };
+  // Row r of the block (thread r) of tensor k in stage `stage`: kColumnBytes, w ascending.
+  auto row_of = [&](int stage, int k, int r) { return stages + stage * stage_bytes + k * tensor_bytes + r * kColumnBytes; };
   // Memory offset of the lowest w of steps t0 .. t0+VEC-1 on row i.
   auto first_of = [&](int t0, int i) { return ln.reversed ? ln.offset(t0 + VEC - 1, i) : ln.offset(t0, i); };
   auto vectors_in = [&](int grp) { return min(SPAN, (ln.T - grp * STEPS) / VEC); };  // W % VEC == 0
-  // The block copies a group together: consecutive threads take the consecutive vectors of a row, so
-  // that a warp's copies are whole 32-byte sectors.
-  const int row_lo = max(0, first - split.halo), row_hi = min(ln.L, last + split.halo);  // rows scanned
-  auto stage = [&](int grp) {
-    const int n = vectors_in(grp);
-    for (int piece = threadIdx.x; piece < int(blockDim.x) * SPAN; piece += blockDim.x) {
-      const int r = piece / SPAN, j = piece % SPAN, row = first - split.halo + r;
-      if (j >= n || row < row_lo || row >= row_hi) continue;
-      const int off = first_of(grp * STEPS + j * VEC, row);
+  // Thread 0 asks the TMA for a group: per tensor, the boxes of columns w0 .. w0+STEPS-1 of the block's
+  // rows (zeros outside the plane, also past its ends in w).
+  unsigned group_bytes = 0;
 #pragma unroll
-      for (int k = 0; k < NT; ++k)
-        if (planes[k]) cp_async16(slot(grp & 1, k, j, r), planes[k] + off);
+  for (int k = 0; k < NT; ++k) group_bytes += planes[k] ? unsigned(tensor_bytes) : 0u;
+  auto stage = [&](int grp) {
+    if (threadIdx.x != 0) return;
+    uint64_t* bar = landed + (grp & 1);
+    mbarrier_expect(bar, group_bytes);
+    const int t0 = grp * STEPS, w0 = ln.reversed ? ln.T - t0 - STEPS : t0;
+#pragma unroll
+    for (int k = 0; k < NT; ++k) {
+      if (!planes[k]) continue;
+      for (int box = 0; box * kBoxRows < rows_staged; ++box)
+        tma_load(row_of(grp & 1, k, box * kBoxRows), map[k], w0, first - split.halo + box * kBoxRows, map_plane[k],
+                 id.b, bar);
     }
   };
-  // This thread's vector j of tensor k in stage `stage` as float32, memory order (zero where nothing was
-  // staged, so that unscanned rows stay finite).
-  auto take = [&](int stage, int k, int j, float (&out)[VEC]) {
-    const Vec v = (planes[k] && scanned) ? *slot(stage, k, j, threadIdx.x) : Vec{};
+  // This thread's steps grp * STEPS + j * VEC .. +VEC-1 of tensor k as float32, in memory order (rows
+  // outside the plane are zeros, so that unscanned rows stay finite).
+  auto take = [&](int grp, int k, int j, float (&out)[VEC]) {
+    const int vector = ln.reversed ? SPAN - 1 - j : j;  // the box holds w ascending
+    const Vec v = planes[k] ? reinterpret_cast<const Vec*>(row_of(grp & 1, k, threadIdx.x))[vector] : Vec{};
 #pragma unroll
     for (int m = 0; m < VEC; ++m) out[m] = to_acc(v.v[m]);
   };
@@ -156,13 +183,11 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
     constexpr bool kReversed = decltype(reversed_flag)::value;
     auto mem = [](int st) { return kReversed ? VEC - 1 - st : st; };  // step st's place inside a vector
     stage(0);
-    cp_async_commit();
     for (int grp = 0; grp < groups; ++grp) {
-      cp_async_wait_all();
-      __syncthreads();  // the group's copies of every thread have landed
-      if (grp + 1 < groups) stage(grp + 1);  // into the other stage, consumed a group ago
-      cp_async_commit();
-      const int n = vectors_in(grp), now = grp & 1;
+      __syncthreads();  // every thread is done with the other stage (the last group's u)
+      if (grp + 1 < groups) stage(grp + 1);
+      mbarrier_wait(landed + (grp & 1), (grp >> 1) & 1);
+      const int n = vectors_in(grp), now = grp;
       Vec out[K][SPAN];  // forward: y of the group, written at its end
       (void)out;
 #pragma unroll

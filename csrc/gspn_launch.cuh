@@ -70,8 +70,11 @@ cudaError_t launch_scan(const T* x, const T* gates, const T* lam, const T* u, T*
                         bool aligned, cudaStream_t stream) {
   const int longest = std::max(s.H, s.W);
   void* args[] = {&x, &gates, &lam, &u, &y, &state, &s};
-  if (aligned && s.W % (16 / int(sizeof(T))) == 0 && s.W <= kRowQ * kRowMaxThreads &&
-      s.H <= kBand * kColumnMaxBlocks) {
+  // The line-parallel kernels copy 16-byte pieces of every plane: every plane must start 16-byte aligned.
+  const long long vec = 16 / int(sizeof(T));
+  const bool planes_aligned = aligned && s.W % vec == 0 && s.gates_batch_stride % vec == 0 &&
+                              s.lam_batch_stride % vec == 0 && s.u_batch_stride % vec == 0;
+  if (planes_aligned && s.W <= kRowQ * kRowMaxThreads && s.H <= kBand * kColumnMaxBlocks) {
     const int K = channels_per_block(s.C, s.G);
     const unsigned blocks = unsigned(s.B) * 2 * s.C / K;  // (batch, direction of the pair, K channels)
     const int row_threads = ((s.W + kRowQ - 1) / kRowQ + 31) / 32 * 32;
@@ -79,12 +82,28 @@ cudaError_t launch_scan(const T* x, const T* gates, const T* lam, const T* u, T*
     cudaError_t err = K == 2 ? launch(rows_scan_kernel<T, kAdjoint, 2>, blocks, row_threads, row_smem, stream, args)
                              : launch(rows_scan_kernel<T, kAdjoint, 1>, blocks, row_threads, row_smem, stream, args);
     if (err != cudaSuccess) return err;
+
     const ColumnSplit split(s.H);
+    const int box_w = kColumnBytes / int(sizeof(T)), box_h = kBoxRows;
+    const long long dense = 4LL * s.C * s.H * s.W;  // a (4, C, H, W) batch item
+    ColumnMaps maps = {};
+    // gates (B, 4 * 3 * G planes); x (B, C) or grad_y (B, 4 * C); lam or u, and u: (B, 4 * C).
+    err = column_map<T>(&maps.gates, gates, s.B, 12LL * s.G, s.gates_batch_stride, s.H, s.W, box_w, box_h);
+    if (err == cudaSuccess)
+      err = kAdjoint ? column_map<T>(&maps.a0, x, s.B, 4LL * s.C, dense, s.H, s.W, box_w, box_h)
+                     : column_map<T>(&maps.a0, x, s.B, s.C, (long long)s.C * s.H * s.W, s.H, s.W, box_w, box_h);
+    const T* a1 = kAdjoint ? u : lam;
+    const long long a1_stride = kAdjoint ? s.u_batch_stride : s.lam_batch_stride;
+    if (err == cudaSuccess) err = column_map<T>(&maps.a1, a1, s.B, 4LL * s.C, a1_stride, s.H, s.W, box_w, box_h);
+    if (err == cudaSuccess && !kAdjoint)
+      err = column_map<T>(&maps.u, u, s.B, 4LL * s.C, s.u_batch_stride, s.H, s.W, box_w, box_h);
+    if (err != cudaSuccess) return err;
+    void* column_args[] = {&maps, &x, &gates, &lam, &u, &y, &state, &s};
     const size_t column_smem = columns_smem(split.threads, K);
     return K == 2 ? launch_clusters(columns_scan_kernel<T, kAdjoint, 2>, blocks * split.cluster, split.cluster,
-                                    split.threads, column_smem, stream, args)
+                                    split.threads, column_smem, stream, column_args)
                   : launch_clusters(columns_scan_kernel<T, kAdjoint, 1>, blocks * split.cluster, split.cluster,
-                                    split.threads, column_smem, stream, args);
+                                    split.threads, column_smem, stream, column_args);
   }
   cudaError_t err = cudaSuccess;
   const int p = positions_per_thread(longest, kMaxThreads);

@@ -1,0 +1,93 @@
+// Tensor-memory-accelerator (TMA) copies for the column scans: the host builds a tensor map per staged
+// input, a 4-D view (w, h, plane, batch) of it; a block asks the TMA for a box of rows x columns of a
+// plane, and an mbarrier tells it when the bytes have landed. One thread issues a whole group's copies,
+// rows outside the tensor arrive as zeros, and the load/store units stay free for the scan itself (with
+// cp.async, a warp's copies of 32 bytes from 16 different rows stalled the issuing warps).
+#pragma once
+
+#include <cstdint>
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+namespace gspn {
+
+// The staged inputs of a column scan (a map is unused where its tensor is null).
+struct ColumnMaps {
+  CUtensorMap gates, a0, a1, u;
+};
+
+template <typename T> constexpr CUtensorMapDataType tma_type();
+template <> constexpr CUtensorMapDataType tma_type<float>() { return CU_TENSOR_MAP_DATA_TYPE_FLOAT32; }
+template <> constexpr CUtensorMapDataType tma_type<__half>() { return CU_TENSOR_MAP_DATA_TYPE_FLOAT16; }
+template <> constexpr CUtensorMapDataType tma_type<__nv_bfloat16>() { return CU_TENSOR_MAP_DATA_TYPE_BFLOAT16; }
+
+// cuTensorMapEncodeTiled from the driver, found at run time (no link against libcuda).
+inline decltype(&cuTensorMapEncodeTiled) encode_tiled() {
+  static const auto fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      p = nullptr;
+    return reinterpret_cast<decltype(&cuTensorMapEncodeTiled)>(p);
+  }();
+  return fn;
+}
+
+// A map of `planes` H x W planes per batch item (batch items `batch_stride` elements apart), read in
+// boxes of box_w columns x box_h rows. A null tensor leaves the map unused.
+template <typename T>
+cudaError_t column_map(CUtensorMap* map, const T* base, int B, long long planes, long long batch_stride, int H,
+                       int W, int box_w, int box_h) {
+  if (!base) return cudaSuccess;
+  const auto encode = encode_tiled();
+  if (!encode) return cudaErrorNotSupported;
+  const cuuint64_t e = sizeof(T);
+  const cuuint64_t dims[4] = {cuuint64_t(W), cuuint64_t(H), cuuint64_t(planes), cuuint64_t(B)};
+  const cuuint64_t strides[3] = {W * e, cuuint64_t(H) * W * e, cuuint64_t(batch_stride) * e};
+  const cuuint32_t box[4] = {cuuint32_t(box_w), cuuint32_t(box_h), 1, 1};
+  const cuuint32_t unit[4] = {1, 1, 1, 1};
+  const CUresult r = encode(map, tma_type<T>(), 4, const_cast<T*>(base), dims, strides, box, unit,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+__device__ __forceinline__ unsigned smem_address(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, unsigned arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(bar)), "r"(arrivals));
+}
+// Makes the initialised barriers visible to the TMA (the async proxy) and the cluster.
+__device__ __forceinline__ void mbarrier_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::); }
+// The one arrival of a phase, announcing the bytes its copies will bring.
+__device__ __forceinline__ void mbarrier_expect(uint64_t* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_address(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, unsigned parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n"
+      "}\n" ::"r"(smem_address(bar)),
+      "r"(parity)
+      : "memory");
+}
+// Box (w0.., h0.., plane, batch) of `map` into shared memory at dst (128-byte aligned), completing on bar.
+__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int w0, int h0, int plane, int batch,
+                                         uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(smem_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(w0), "r"(h0), "r"(plane), "r"(batch), "r"(smem_address(bar))
+      : "memory");
+}
+
+}  // namespace gspn
