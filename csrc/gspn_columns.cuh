@@ -5,14 +5,14 @@
 // rest of a piece for the next group of steps only while few rows are open at once across the GPU
 // (benchmarks/probes/column_access.cu): a block owning a whole 1024-row column with 16 bytes per row
 // and tensor read 4.3x the useful bytes from DRAM (ncu, paper shape). So a block owns a band of at most
-// kBand rows and stages kColumnBytes per row and tensor, and the blocks of one column plane form a
+// kBand rows and stages column_bytes per row and tensor, and the blocks of one column plane form a
 // thread-block cluster. Each block also scans kHalo rows on either side of its band. Those go stale
 // one row per step from the outside in, so every kHalo steps the neighbours hand over their edge rows
 // through distributed shared memory: one cluster barrier per kHalo steps, not one per step (an
 // exchange costs about 1 us, benchmarks/probes/cluster_exchange.cu).
 //
 // Thread k owns row first - halo + k (Q = 1) in each of the K channels of one gate group the block scans,
-// and writes y as kColumnBytes per row and group.
+// and writes y as column_bytes per row and group.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -24,10 +24,17 @@ namespace gspn {
 
 constexpr int kBand = 256;
 constexpr int kHalo = 16;
-constexpr int kColumnBytes = 32;
 constexpr int kColumnMaxBlocks = 4;  // columns of up to 1024 rows
 constexpr int kColumnMaxThreads = kBand + 2 * kHalo;
 constexpr int kBoxRows = kColumnMaxThreads / 2;  // rows of one TMA box (at most 256)
+
+// Bytes per row and tensor that a group of steps moves: 16 steps (a halo's worth) where both stages fit
+// in shared memory, else 32 bytes. So float16/bfloat16 groups are 16 steps of 32 bytes, float32 groups
+// 16 steps of 64 bytes with one channel per block and 8 steps of 32 bytes with two.
+template <typename T, int K>
+__host__ __device__ constexpr int column_bytes() {
+  return size_t(2) * staged_tensors(K) * 16 * sizeof(T) * kColumnMaxThreads <= 224 * 1024 ? 16 * int(sizeof(T)) : 32;
+}
 
 // How the blocks of one column plane split it: `cluster` blocks of `band` rows each (the last may hold
 // fewer), each scanning `halo` more rows on either side, one thread per row.
@@ -43,12 +50,12 @@ struct ColumnSplit {
 // TMA boxes per tensor that cover a block's rows, one thread per row.
 __host__ __device__ constexpr int column_boxes(int threads) { return (threads + kBoxRows - 1) / kBoxRows; }
 
-// Shared memory of columns_scan_kernel: two stages of the staged tensors (TMA boxes of kColumnBytes per
+// Shared memory of columns_scan_kernel: two stages of the staged tensors (TMA boxes of column_bytes per
 // row, 128-byte aligned), the warp edges, the halo inbox [2][top, bottom][K][kHalo] and two mbarriers.
-inline size_t columns_smem(int threads, int K) {
-  const size_t edges = K == 2 ? WarpEdges<2>::bytes(threads) : WarpEdges<1>::bytes(threads);
-  return 128 + size_t(2) * staged_tensors(K) * column_boxes(threads) * kBoxRows * kColumnBytes + edges +
-         4 * K * kHalo * sizeof(float) + 2 * sizeof(uint64_t);
+template <typename T, int K>
+size_t columns_smem(int threads) {
+  return 128 + size_t(2) * staged_tensors(K) * column_boxes(threads) * kBoxRows * column_bytes<T, K>() +
+         WarpEdges<K>::bytes(threads) + 4 * K * kHalo * sizeof(float) + 2 * sizeof(uint64_t);
 }
 
 // Arguments as rows_scan_kernel's, and `maps` of the staged inputs (gates, x or grad_y, lam or u, u).
@@ -60,7 +67,8 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
                         const T* __restrict__ u, T* __restrict__ y, float* __restrict__ state, Shape s) {
   namespace cg = cooperative_groups;
   constexpr int VEC = 16 / int(sizeof(T));
-  constexpr int SPAN = kColumnBytes / 16;  // 16-byte vectors per row and tensor in a group
+  constexpr int BYTES = column_bytes<T, K>();  // per row and tensor in a group
+  constexpr int SPAN = BYTES / 16;            // 16-byte vectors
   constexpr int STEPS = SPAN * VEC;        // scan steps per group
   constexpr int NT = staged_tensors(K);
   enum { G0 = 0, G1 = 1, G2 = 2 };
@@ -69,7 +77,7 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* stages = smem_raw + (128 - smem_address(smem_raw) % 128) % 128;  // TMA destinations
   const int rows_staged = column_boxes(blockDim.x) * kBoxRows;
-  const size_t tensor_bytes = size_t(rows_staged) * kColumnBytes;  // one tensor of one stage
+  const size_t tensor_bytes = size_t(rows_staged) * BYTES;  // one tensor of one stage
   const size_t stage_bytes = NT * tensor_bytes;
   const WarpEdges<K> ex{reinterpret_cast<float*>(stages + 2 * stage_bytes), int(blockDim.x / 32),
                         int(threadIdx.x / 32), int(threadIdx.x % 32)};
@@ -143,8 +151,8 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   };
   static_assert(kHalo % VEC == 0, "the halo is refreshed at the end of a vector");
 
-  // Row r of the block (thread r) of tensor k in stage `stage`: kColumnBytes, w ascending.
-  auto row_of = [&](int stage, int k, int r) { return stages + stage * stage_bytes + k * tensor_bytes + r * kColumnBytes; };
+  // Row r of the block (thread r) of tensor k in stage `stage`: BYTES, w ascending.
+  auto row_of = [&](int stage, int k, int r) { return stages + stage * stage_bytes + k * tensor_bytes + r * BYTES; };
   // Memory offset of the lowest w of steps t0 .. t0+VEC-1 on row i.
   auto first_of = [&](int t0, int i) { return ln.reversed ? ln.offset(t0 + VEC - 1, i) : ln.offset(t0, i); };
   auto vectors_in = [&](int grp) { return min(SPAN, (ln.T - grp * STEPS) / VEC); };  // W % VEC == 0

@@ -61,6 +61,31 @@ cudaError_t launch_clusters(Kernel kernel, unsigned blocks, unsigned cluster, un
     default: { constexpr int P = 8; __VA_ARGS__; break; } \
   }
 
+// The column scans of the line-parallel path: TMA maps of the staged inputs, then clusters of blocks.
+template <typename T, bool kAdjoint, int K>
+cudaError_t launch_columns(const T* x, const T* gates, const T* lam, const T* u, T* y, float* state, Shape s,
+                           cudaStream_t stream) {
+  const ColumnSplit split(s.H);
+  const int box_w = column_bytes<T, K>() / int(sizeof(T)), box_h = kBoxRows;
+  const long long dense = 4LL * s.C * s.H * s.W;  // a (4, C, H, W) batch item
+  ColumnMaps maps = {};
+  // gates (B, 4 * 3 * G planes); x (B, C) or grad_y (B, 4 * C); lam or u, and u: (B, 4 * C).
+  cudaError_t err = column_map<T>(&maps.gates, gates, s.B, 12LL * s.G, s.gates_batch_stride, s.H, s.W, box_w, box_h);
+  if (err == cudaSuccess)
+    err = kAdjoint ? column_map<T>(&maps.a0, x, s.B, 4LL * s.C, dense, s.H, s.W, box_w, box_h)
+                   : column_map<T>(&maps.a0, x, s.B, s.C, (long long)s.C * s.H * s.W, s.H, s.W, box_w, box_h);
+  const T* a1 = kAdjoint ? u : lam;
+  const long long a1_stride = kAdjoint ? s.u_batch_stride : s.lam_batch_stride;
+  if (err == cudaSuccess) err = column_map<T>(&maps.a1, a1, s.B, 4LL * s.C, a1_stride, s.H, s.W, box_w, box_h);
+  if (err == cudaSuccess && !kAdjoint)
+    err = column_map<T>(&maps.u, u, s.B, 4LL * s.C, s.u_batch_stride, s.H, s.W, box_w, box_h);
+  if (err != cudaSuccess) return err;
+  void* args[] = {&maps, &x, &gates, &lam, &u, &y, &state, &s};
+  const unsigned blocks = unsigned(s.B) * 2 * s.C / K * split.cluster;
+  return launch_clusters(columns_scan_kernel<T, kAdjoint, K>, blocks, split.cluster, split.threads,
+                         columns_smem<T, K>(split.threads), stream, args);
+}
+
 // One scan of every line of every (batch, direction, channel): the forward or the adjoint (arguments as
 // rows_scan_kernel's). 16-byte-aligned grids with lines of up to 1024 positions take two launches, the
 // row scans (4 positions per thread) and the column scans (clusters of blocks with one row per thread);
@@ -83,27 +108,8 @@ cudaError_t launch_scan(const T* x, const T* gates, const T* lam, const T* u, T*
                              : launch(rows_scan_kernel<T, kAdjoint, 1>, blocks, row_threads, row_smem, stream, args);
     if (err != cudaSuccess) return err;
 
-    const ColumnSplit split(s.H);
-    const int box_w = kColumnBytes / int(sizeof(T)), box_h = kBoxRows;
-    const long long dense = 4LL * s.C * s.H * s.W;  // a (4, C, H, W) batch item
-    ColumnMaps maps = {};
-    // gates (B, 4 * 3 * G planes); x (B, C) or grad_y (B, 4 * C); lam or u, and u: (B, 4 * C).
-    err = column_map<T>(&maps.gates, gates, s.B, 12LL * s.G, s.gates_batch_stride, s.H, s.W, box_w, box_h);
-    if (err == cudaSuccess)
-      err = kAdjoint ? column_map<T>(&maps.a0, x, s.B, 4LL * s.C, dense, s.H, s.W, box_w, box_h)
-                     : column_map<T>(&maps.a0, x, s.B, s.C, (long long)s.C * s.H * s.W, s.H, s.W, box_w, box_h);
-    const T* a1 = kAdjoint ? u : lam;
-    const long long a1_stride = kAdjoint ? s.u_batch_stride : s.lam_batch_stride;
-    if (err == cudaSuccess) err = column_map<T>(&maps.a1, a1, s.B, 4LL * s.C, a1_stride, s.H, s.W, box_w, box_h);
-    if (err == cudaSuccess && !kAdjoint)
-      err = column_map<T>(&maps.u, u, s.B, 4LL * s.C, s.u_batch_stride, s.H, s.W, box_w, box_h);
-    if (err != cudaSuccess) return err;
-    void* column_args[] = {&maps, &x, &gates, &lam, &u, &y, &state, &s};
-    const size_t column_smem = columns_smem(split.threads, K);
-    return K == 2 ? launch_clusters(columns_scan_kernel<T, kAdjoint, 2>, blocks * split.cluster, split.cluster,
-                                    split.threads, column_smem, stream, column_args)
-                  : launch_clusters(columns_scan_kernel<T, kAdjoint, 1>, blocks * split.cluster, split.cluster,
-                                    split.threads, column_smem, stream, column_args);
+    return K == 2 ? launch_columns<T, kAdjoint, 2>(x, gates, lam, u, y, state, s, stream)
+                  : launch_columns<T, kAdjoint, 1>(x, gates, lam, u, y, state, s, stream);
   }
   cudaError_t err = cudaSuccess;
   const int p = positions_per_thread(longest, kMaxThreads);
