@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import re
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -21,10 +22,13 @@ from gspn_diffusers.ops import gspn_propagate
 
 STEPS = 3
 COLUMNS = {  # kernel name prefix -> column
-    "void gspn::lines_scan_kernel<": "scan",
+    "void gspn::rows_scan_kernel<": "scan",
+    "void gspn::columns_scan_kernel<": "scan",
     "void gspn::scan_kernel<": "scan",
     "void gspn::gradients_kernel<": "gradient pass",
 }
+# A scan's only bool template argument is kAdjoint: the adjoint is the instance with it true.
+ADJOINT = re.compile(r"scan_kernel<[^>]*(?:\btrue\b|\(bool\)1)")
 
 
 def kernel_times(step) -> dict[str, float]:
@@ -42,7 +46,7 @@ def kernel_times(step) -> dict[str, float]:
             continue
         column = next((c for prefix, c in COLUMNS.items() if kernel.key.startswith(prefix)), "other")
         if column == "scan":  # the adjoint is the scan instantiated with kAdjoint = true
-            column = "adjoint scan" if ", true>" in kernel.key else "forward scan"
+            column = "adjoint scan" if ADJOINT.search(kernel.key) else "forward scan"
         times[column] += kernel.self_device_time_total / 1000 / STEPS
     return times
 

@@ -65,6 +65,9 @@ template <typename T, bool kAdjoint, int K>
 __global__ void __launch_bounds__(kColumnMaxThreads)
     columns_scan_kernel(const __grid_constant__ ColumnMaps maps, const T* __restrict__ x, const T* __restrict__ gates, const T* __restrict__ lam,
                         const T* __restrict__ u, T* __restrict__ y, float* __restrict__ state, Shape s) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // clusters and the TMA need sm_90; launch_scan takes the generic scans below it
+#else
   namespace cg = cooperative_groups;
   constexpr int VEC = 16 / int(sizeof(T));
   constexpr int BYTES = column_bytes<T, K>();  // per row and tensor in a group
@@ -263,6 +266,7 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   };
   if (ln.reversed) scan(Flag<true>{});
   else scan(Flag<false>{});
+#endif
 }
 
 }  // namespace gspn

@@ -61,6 +61,15 @@ cudaError_t launch_clusters(Kernel kernel, unsigned blocks, unsigned cluster, un
     default: { constexpr int P = 8; __VA_ARGS__; break; } \
   }
 
+// Whether the current device has thread-block clusters and the TMA (sm_90 on), which the column scans use.
+inline bool has_clusters() {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
+    return false;
+  return major >= 9;
+}
+
 // The column scans of the line-parallel path: TMA maps of the staged inputs, then clusters of blocks.
 template <typename T, bool kAdjoint, int K>
 cudaError_t launch_columns(const T* x, const T* gates, const T* lam, const T* u, T* y, float* state, Shape s,
@@ -87,9 +96,9 @@ cudaError_t launch_columns(const T* x, const T* gates, const T* lam, const T* u,
 }
 
 // One scan of every line of every (batch, direction, channel): the forward or the adjoint (arguments as
-// rows_scan_kernel's). 16-byte-aligned grids with lines of up to 1024 positions take two launches, the
-// row scans (4 positions per thread) and the column scans (clusters of blocks with one row per thread);
-// the generic kernel takes the rest.
+// rows_scan_kernel's). On sm_90 and later, 16-byte-aligned grids with lines of up to 1024 positions take
+// two launches, the row scans (4 positions per thread) and the column scans (clusters of blocks with one
+// row per thread); the generic kernel takes the rest.
 template <typename T, bool kAdjoint>
 cudaError_t launch_scan(const T* x, const T* gates, const T* lam, const T* u, T* y, float* state, Shape s,
                         bool aligned, cudaStream_t stream) {
@@ -99,7 +108,7 @@ cudaError_t launch_scan(const T* x, const T* gates, const T* lam, const T* u, T*
   const long long vec = 16 / int(sizeof(T));
   const bool planes_aligned = aligned && s.W % vec == 0 && s.gates_batch_stride % vec == 0 &&
                               s.lam_batch_stride % vec == 0 && s.u_batch_stride % vec == 0;
-  if (planes_aligned && s.W <= kRowQ * kRowMaxThreads && s.H <= kBand * kColumnMaxBlocks) {
+  if (planes_aligned && s.W <= kRowQ * kRowMaxThreads && s.H <= kBand * kColumnMaxBlocks && has_clusters()) {
     const int K = channels_per_block(s.C, s.G);
     const unsigned blocks = unsigned(s.B) * 2 * s.C / K;  // (batch, direction of the pair, K channels)
     const int row_threads = ((s.W + kRowQ - 1) / kRowQ + 31) / 32 * 32;

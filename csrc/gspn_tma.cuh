@@ -56,6 +56,8 @@ cudaError_t column_map(CUtensorMap* map, const T* base, int B, long long planes,
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// The device side needs sm_90 (the column kernel compiles to a trap below it).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 __device__ __forceinline__ unsigned smem_address(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
@@ -89,5 +91,6 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int 
       "l"(reinterpret_cast<uint64_t>(map)), "r"(w0), "r"(h0), "r"(plane), "r"(batch), "r"(smem_address(bar))
       : "memory");
 }
+#endif
 
 }  // namespace gspn

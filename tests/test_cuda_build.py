@@ -40,7 +40,8 @@ def test_cache_folder_is_tagged_by_torch_cuda_arch_and_sources(monkeypatch, tmp_
 
 def test_sources_are_found():
     names = {p.name for p in build.csrc_dir().iterdir()}
-    assert {"gspn_binding.cpp", "gspn_float.cu", "gspn_scan.cuh", "gspn_lines.cuh", "gspn_gradients.cuh"} <= names
+    assert {"gspn_binding.cpp", "gspn_float.cu", "gspn_scan.cuh", "gspn_rows.cuh", "gspn_columns.cuh", "gspn_tma.cuh",
+            "gspn_step.cuh", "gspn_gradients.cuh"} <= names
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

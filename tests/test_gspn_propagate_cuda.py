@@ -18,8 +18,9 @@ SEED = int(time.time() * 1000) % 2**31
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (B, C, G, H, W): odd sizes, H != W, lines of length 1, every kind of gate grouping. Widths that are
 # multiples of 8 take the line-parallel scans (forward and adjoint), the others the generic ones; columns
-# of up to 64, 200 and 520 positions move 4, 2 and 1 vectors per column group. Groups of more than 16
-# channels (20 / 1: slices of 16 and 4) sum their gate gradients over channel slices.
+# of more than 256 rows (520) are split over a cluster of blocks that exchange halos. Groups of an even
+# number of channels are scanned two channels per block. Groups of more than 16 channels (20 / 1: slices
+# of 16 and 4) sum their gate gradients over channel slices.
 SHAPES = [
     (2, 6, 3, 5, 8),
     (1, 4, 1, 33, 16),
@@ -92,12 +93,9 @@ def test_forward_matches_reference(shape, chunk, dtype):
         assert rel_err(y, y64) <= 2 * rel_err(y_ref, y64) + 1e-6, f"seed {seed}"
 
 
-@pytest.mark.parametrize("shape", SHAPES[1:])
-@pytest.mark.parametrize("chunk", [None, 1, 3, 100])
-@pytest.mark.parametrize("with_u", [True, False])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gradients_match_reference(shape, chunk, with_u, dtype):
-    seed = SEED + hash((shape, chunk, with_u, str(dtype))) % 1000
+def check_gradients(shape, chunk, with_u, dtype, seed):
+    """Every input's gradient against float64 (float32: within 1e-4; 16-bit: within twice the error
+    of the reference run in that dtype)."""
     inputs = [t.requires_grad_() if t is not None else None
               for t in make_inputs(shape, dtype, with_u=with_u, seed=seed)]
     y = gspn_propagate(*inputs, chunk_size=chunk, backend="cuda")
@@ -121,6 +119,30 @@ def test_gradients_match_reference(shape, chunk, with_u, dtype):
         else:
             bound = 2 * rel_err(grads_ref[k], want, scale) + 1e-5
             assert err <= bound, f"grad {names[k]}: {err:.2e} > {bound:.2e} (seed {seed})"
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:])
+@pytest.mark.parametrize("chunk", [None, 1, 3, 100])
+@pytest.mark.parametrize("with_u", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradients_match_reference(shape, chunk, with_u, dtype):
+    check_gradients(shape, chunk, with_u, dtype, SEED + hash((shape, chunk, with_u, str(dtype))) % 1000)
+
+
+# Columns over a cluster of 2 and 4 blocks (bands of 150, 195 and 250 rows with 16-row halos refreshed
+# every 16 steps), in one and two channels per block, with partial groups at the line ends.
+@pytest.mark.parametrize("shape", [(1, 2, 1, 300, 24), (1, 4, 1, 777, 16), (1, 2, 2, 1000, 40)])
+@pytest.mark.parametrize("chunk", [None, 7])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tall_columns_split_over_a_cluster(shape, chunk, dtype):
+    seed = SEED + hash((shape, chunk, str(dtype))) % 1000
+    x, gates, lam, u = make_inputs(shape, dtype, seed=seed)
+    y = gspn_propagate(x, gates, lam, u, chunk_size=chunk, backend="cuda")
+    y64 = gspn_propagate(*as64(x, gates, lam, u), chunk_size=chunk, backend="reference")
+    y_ref = gspn_propagate(x, gates, lam, u, chunk_size=chunk, backend="reference")
+    bound = 1e-5 if dtype == torch.float32 else 2 * rel_err(y_ref, y64) + 1e-6
+    assert rel_err(y, y64) <= bound, f"seed {seed}"
+    check_gradients(shape, chunk, True, dtype, seed)
 
 
 def test_random_shapes_against_reference():
@@ -171,17 +193,7 @@ def test_strided_views_of_one_coefficient_tensor(width):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gradients_of_lines_longer_than_the_line_parallel_kernel(dtype):
     # 1032-long rows (aligned, over 1024) take the generic scans, forward and adjoint, 4 positions per thread.
-    inputs = [t.requires_grad_() for t in make_inputs((1, 2, 1, 3, 1032), dtype, seed=SEED)]
-    y = gspn_propagate(*inputs, chunk_size=5, backend="cuda")
-    grad_y = torch.randn_like(y)
-    grads = grads_of(y, inputs, grad_y)
-    inputs64 = [t.requires_grad_() for t in as64(*inputs)]
-    grads64 = grads_of(gspn_propagate(*inputs64, chunk_size=5, backend="reference"), inputs64, grad_y.double())
-    grads_ref = grads_of(gspn_propagate(*inputs, chunk_size=5, backend="reference"), inputs, grad_y)
-    scale = 1e-2 * max(g.norm().item() for g in grads64)
-    for got, want, ref in zip(grads, grads64, grads_ref):
-        bound = 1e-4 if dtype == torch.float32 else 2 * rel_err(ref, want, scale) + 1e-5
-        assert rel_err(got, want, scale) <= bound, f"seed {SEED}"
+    check_gradients((1, 2, 1, 3, 1032), 5, True, dtype, SEED)
 
 
 def test_2048_long_float16_scan_stays_finite():
