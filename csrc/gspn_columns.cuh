@@ -51,11 +51,11 @@ struct ColumnSplit {
 __host__ __device__ constexpr int column_boxes(int threads) { return (threads + kBoxRows - 1) / kBoxRows; }
 
 // Shared memory of columns_scan_kernel: two stages of the staged tensors (TMA boxes of column_bytes per
-// row, 128-byte aligned), the warp edges, the halo inbox [2][top, bottom][K][kHalo] and two mbarriers.
+// row, 128-byte aligned), the warp edges, the halo inboxes [2][top, bottom][K][kHalo] and four mbarriers.
 template <typename T, int K>
 size_t columns_smem(int threads) {
   return 128 + size_t(2) * staged_tensors(K) * column_boxes(threads) * kBoxRows * column_bytes<T, K>() +
-         WarpEdges<K>::bytes(threads) + 4 * K * kHalo * sizeof(float) + 2 * sizeof(uint64_t);
+         WarpEdges<K>::bytes(threads) + 4 * K * kHalo * sizeof(float) + 4 * sizeof(uint64_t);
 }
 
 // Arguments as rows_scan_kernel's, and `maps` of the staged inputs (gates, x or grad_y, lam or u, u).
@@ -86,6 +86,7 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
                         int(threadIdx.x / 32), int(threadIdx.x % 32)};
   float* inbox = reinterpret_cast<float*>(stages + 2 * stage_bytes + WarpEdges<K>::bytes(blockDim.x));
   uint64_t* landed = reinterpret_cast<uint64_t*>(inbox + 4 * K * kHalo);  // one mbarrier per stage
+  uint64_t* halo_landed = landed + 2;                                       // one per inbox
 
   const cg::cluster_group cluster = cg::this_cluster();
   const ColumnSplit split(s.H);
@@ -116,8 +117,7 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   const bool owned = i >= first && i < last;
   ex.clear();
   if (threadIdx.x == 0) {
-    mbarrier_init(landed, 1);
-    mbarrier_init(landed + 1, 1);
+    for (int k = 0; k < 4; ++k) mbarrier_init(landed + k, 1);  // the stages', then the inboxes'
     mbarrier_init_fence();
   }
   cluster.sync();  // every block of the cluster runs (its shared memory exists); edges and barriers are set
@@ -129,28 +129,37 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
       if (!scanned) h[k][0] = 0.f;
   };
   // Run by the last step of each vector instead: every kHalo steps (a multiple of VEC), the halo also
-  // takes the neighbours' fresh edge rows.
-  int since = 0, box = 0;
+  // takes the neighbours' fresh edge rows. They arrive as asynchronous remote stores that count their
+  // bytes on this block's mbarrier of the exchange (two, alternating), so no cluster-wide barrier or
+  // memory fence is needed; two inboxes suffice, since a block can send exchange e + 2 only after its
+  // neighbour has sent e + 1, which it does after reading e.
+  int since = 0, exchange = 0;
+  const unsigned halo_bytes = unsigned(((rank > 0) + (rank + 1 < split.cluster)) * K * kHalo * sizeof(float));
   auto refresh_halo = [&](float (&h)[K][1]) {
     keep_scanned(h);
     since += VEC;
     if (split.halo == 0 || since < kHalo) return;
     since = 0;
+    const int box = exchange & 1;
     float* mail = inbox + box * 2 * K * kHalo;  // [top halo, bottom halo][K][kHalo]
+    const unsigned bar = smem_address(halo_landed + box);
+    if (threadIdx.x == 0) mbarrier_expect(halo_landed + box, halo_bytes);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       if (owned && rank > 0 && i < first + kHalo)  // the block above: its bottom halo
-        cluster.map_shared_rank(mail, rank - 1)[(K + k) * kHalo + i - first] = h[k][0];
+        store_remote(cluster_address(smem_address(mail + (K + k) * kHalo + i - first), rank - 1), h[k][0],
+                     cluster_address(bar, rank - 1));
       if (owned && rank + 1 < split.cluster && i >= last - kHalo)  // the block below: its top halo
-        cluster.map_shared_rank(mail, rank + 1)[k * kHalo + i - (last - kHalo)] = h[k][0];
+        store_remote(cluster_address(smem_address(mail + k * kHalo + i - (last - kHalo)), rank + 1), h[k][0],
+                     cluster_address(bar, rank + 1));
     }
-    cluster.sync();
+    mbarrier_wait(halo_landed + box, (exchange >> 1) & 1);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       if (scanned && i < first) h[k][0] = mail[k * kHalo + i - (first - kHalo)];
       if (scanned && i >= last) h[k][0] = mail[(K + k) * kHalo + i - last];
     }
-    box ^= 1;
+    ++exchange;
   };
   static_assert(kHalo % VEC == 0, "the halo is refreshed at the end of a vector");
 

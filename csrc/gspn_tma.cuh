@@ -82,6 +82,18 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, unsigned parity) {
       "r"(parity)
       : "memory");
 }
+// The address of a shared-memory location (32-bit, this block's) in block `rank` of the cluster.
+__device__ __forceinline__ unsigned cluster_address(unsigned address, int rank) {
+  unsigned remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(address), "r"(rank));
+  return remote;
+}
+// Stores v at `remote` (a cluster address) and counts its 4 bytes on the mbarrier at `remote_bar` (there).
+__device__ __forceinline__ void store_remote(unsigned remote, float v, unsigned remote_bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(remote),
+               "r"(__float_as_uint(v)), "r"(remote_bar)
+               : "memory");
+}
 // Box (w0.., h0.., plane, batch) of `map` into shared memory at dst (128-byte aligned), completing on bar.
 __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int w0, int h0, int plane, int batch,
                                          uint64_t* bar) {
