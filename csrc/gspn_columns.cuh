@@ -8,8 +8,10 @@
 // kBand rows and stages column_bytes per row and tensor, and the blocks of one column plane form a
 // thread-block cluster. Each block also scans kHalo rows on either side of its band. Those go stale
 // one row per step from the outside in, so every kHalo steps the neighbours hand over their edge rows
-// through distributed shared memory: one cluster barrier per kHalo steps, not one per step (an
-// exchange costs about 1 us, benchmarks/probes/cluster_exchange.cu).
+// through distributed shared memory: one exchange per kHalo steps, not one per step (an exchange with
+// cluster.sync() costs about 1 us, benchmarks/probes/cluster_exchange.cu), and as remote stores counted
+// on the receiver's mbarrier rather than a cluster barrier. Inputs arrive through the TMA
+// (gspn_tma.cuh).
 //
 // Thread k owns row first - halo + k (Q = 1) in each of the K channels of one gate group the block scans,
 // and writes y as column_bytes per row and group.
