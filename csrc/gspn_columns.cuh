@@ -65,16 +65,17 @@ size_t columns_smem(int threads) {
 // channels).
 template <typename T, bool kAdjoint, int K>
 __global__ void __launch_bounds__(kColumnMaxThreads)
-    columns_scan_kernel(const __grid_constant__ ColumnMaps maps, const T* __restrict__ x, const T* __restrict__ gates, const T* __restrict__ lam,
-                        const T* __restrict__ u, T* __restrict__ y, float* __restrict__ state, Shape s) {
+    columns_scan_kernel(const __grid_constant__ ColumnMaps maps, const T* __restrict__ x,
+                        const T* __restrict__ gates, const T* __restrict__ lam, const T* __restrict__ u,
+                        T* __restrict__ y, float* __restrict__ state, Shape s) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // clusters and the TMA need sm_90; launch_scan takes the generic scans below it
 #else
   namespace cg = cooperative_groups;
   constexpr int VEC = 16 / int(sizeof(T));
   constexpr int BYTES = column_bytes<T, K>();  // per row and tensor in a group
-  constexpr int SPAN = BYTES / 16;            // 16-byte vectors
-  constexpr int STEPS = SPAN * VEC;        // scan steps per group
+  constexpr int SPAN = BYTES / 16;             // 16-byte vectors
+  constexpr int STEPS = SPAN * VEC;            // scan steps per group
   constexpr int NT = staged_tensors(K);
   enum { G0 = 0, G1 = 1, G2 = 2 };
   auto XS = [](int k) { return 3 + 3 * k; };  // tensor of channel k's first factor of a; then lam (or u), u
@@ -166,7 +167,9 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   static_assert(kHalo % VEC == 0, "the halo is refreshed at the end of a vector");
 
   // Row r of the block (thread r) of tensor k in stage `stage`: BYTES, w ascending.
-  auto row_of = [&](int stage, int k, int r) { return stages + stage * stage_bytes + k * tensor_bytes + r * BYTES; };
+  auto row_of = [&](int stage, int k, int r) {
+    return stages + stage * stage_bytes + k * tensor_bytes + r * BYTES;
+  };
   // Memory offset of the lowest w of steps t0 .. t0+VEC-1 on row i.
   auto first_of = [&](int t0, int i) { return ln.reversed ? ln.offset(t0 + VEC - 1, i) : ln.offset(t0, i); };
   auto vectors_in = [&](int grp) { return min(SPAN, (ln.T - grp * STEPS) / VEC); };  // W % VEC == 0
@@ -189,7 +192,7 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
     }
   };
   // This thread's steps grp * STEPS + j * VEC .. +VEC-1 of tensor k as float32, in memory order (rows
-  // outside the plane are zeros, so that unscanned rows stay finite).
+  // outside the plane arrived as zeros, and a null tensor reads as zeros: unscanned rows stay finite).
   auto take = [&](int grp, int k, int j, float (&out)[VEC]) {
     const int vector = ln.reversed ? SPAN - 1 - j : j;  // the box holds w ascending
     const Vec v = planes[k] ? reinterpret_cast<const Vec*>(row_of(grp & 1, k, threadIdx.x))[vector] : Vec{};
@@ -209,7 +212,7 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
       __syncthreads();  // every thread is done with the other stage (the last group's u)
       if (grp + 1 < groups) stage(grp + 1);
       mbarrier_wait(landed + (grp & 1), (grp >> 1) & 1);
-      const int n = vectors_in(grp), now = grp;
+      const int n = vectors_in(grp);
       Vec out[K][SPAN];  // forward: y of the group, written at its end
       (void)out;
 #pragma unroll
@@ -222,7 +225,7 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
         {
           float g[3][VEC];
 #pragma unroll
-          for (int k = 0; k < 3; ++k) take(now, k, j, g[k]);
+          for (int k = 0; k < 3; ++k) take(grp, k, j, g[k]);
 #pragma unroll
           for (int st = 0; st < VEC; ++st) {
             const float g0[1] = {g[0][mem(st)]}, g1[1] = {g[1][mem(st)]}, g2[1] = {g[2][mem(st)]};
@@ -232,8 +235,8 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
 #pragma unroll
           for (int k = 0; k < K; ++k) {
             float xa[VEC], xb[VEC];
-            take(now, XS(k), j, xa);
-            take(now, XS(k) + 1, j, xb);
+            take(grp, XS(k), j, xa);
+            take(grp, XS(k) + 1, j, xb);
 #pragma unroll
             for (int st = 0; st < VEC; ++st) {
               a[st][k][0] = planes[XS(k) + 1] ? xa[mem(st)] * xb[mem(st)] : xa[mem(st)];
@@ -257,7 +260,7 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
 #pragma unroll
           for (int k = 0; k < K; ++k) {
             float uv[VEC];
-            take(now, XS(k) + 2, j, uv);
+            take(grp, XS(k) + 2, j, uv);
 #pragma unroll
             for (int st = 0; st < VEC; ++st)
               out[k][j].v[mem(st)] = from_acc<T>(planes[XS(k) + 2] ? uv[mem(st)] * h[k][st] : h[k][st]);

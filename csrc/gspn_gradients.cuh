@@ -1,4 +1,4 @@
-// The backward's second pass: every input's gradient from the adjoint state gh (gspn_lines.cuh) and the
+// The backward's second pass: every input's gradient from the adjoint state gh (gspn_step.cuh) and the
 // forward's state h, pointwise but for a 3-tap stencil over h, in the inputs' memory order whatever the
 // direction (the column directions' states, stored transposed, pass through shared memory):
 //   glam = gh x,   gu = gy h,   gx = sum over d of gh lam,
