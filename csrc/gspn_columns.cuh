@@ -78,7 +78,6 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   constexpr int STEPS = SPAN * VEC;            // scan steps per group
   constexpr int NT = staged_tensors(K);
   enum { G0 = 0, G1 = 1, G2 = 2 };
-  auto XS = [](int k) { return 3 + 3 * k; };  // tensor of channel k's first factor of a; then lam (or u), u
   using Vec = Pack<T, VEC>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* stages = smem_raw + (128 - smem_address(smem_raw) % 128) % 128;  // TMA destinations
@@ -98,7 +97,7 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   const ScanPlanes<T, kAdjoint> io(id, x, gates, lam, u, y, state, s);
   const Lines& ln = io.ln;
   const T* planes[NT];
-  planes[G0] = io.gate[0], planes[G1] = io.gate[1], planes[G2] = io.gate[2];
+  staged_planes<K>(io, planes);
   const CUtensorMap* map[NT];  // and where each tensor's plane sits in its map
   int map_plane[NT];
   const int g = id.c / (s.C / s.G);
@@ -106,13 +105,10 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   for (int k = 0; k < 3; ++k) map[k] = &maps.gates, map_plane[k] = (id.d * 3 + k) * s.G + g;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    planes[XS(k)] = io.a0 + k * io.plane;
-    planes[XS(k) + 1] = io.a1 ? io.a1 + k * io.plane : nullptr;
-    planes[XS(k) + 2] = io.u ? io.u + k * io.plane : nullptr;
     const int dense = id.d * s.C + id.c + k;  // (d, c + k) inside a (4, C) batch item
-    map[XS(k)] = &maps.a0, map_plane[XS(k)] = kAdjoint ? dense : id.c + k;
-    map[XS(k) + 1] = &maps.a1, map_plane[XS(k) + 1] = dense;
-    map[XS(k) + 2] = &maps.u, map_plane[XS(k) + 2] = dense;
+    map[staged_x(k)] = &maps.a0, map_plane[staged_x(k)] = kAdjoint ? dense : id.c + k;
+    map[staged_x(k) + 1] = &maps.a1, map_plane[staged_x(k) + 1] = dense;
+    map[staged_x(k) + 2] = &maps.u, map_plane[staged_x(k) + 2] = dense;
   }
   const int first = rank * split.band, last = min(ln.L, first + split.band);  // the band this block owns
   const int i = first - split.halo + int(threadIdx.x);                         // this thread's row
@@ -235,11 +231,11 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
 #pragma unroll
           for (int k = 0; k < K; ++k) {
             float xa[VEC], xb[VEC];
-            take(grp, XS(k), j, xa);
-            take(grp, XS(k) + 1, j, xb);
+            take(grp, staged_x(k), j, xa);
+            take(grp, staged_x(k) + 1, j, xb);
 #pragma unroll
             for (int st = 0; st < VEC; ++st) {
-              a[st][k][0] = planes[XS(k) + 1] ? xa[mem(st)] * xb[mem(st)] : xa[mem(st)];
+              a[st][k][0] = planes[staged_x(k) + 1] ? xa[mem(st)] * xb[mem(st)] : xa[mem(st)];
               pin(a[st][k][0]);
             }
           }
@@ -260,10 +256,10 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
 #pragma unroll
           for (int k = 0; k < K; ++k) {
             float uv[VEC];
-            take(grp, XS(k) + 2, j, uv);
+            take(grp, staged_x(k) + 2, j, uv);
 #pragma unroll
             for (int st = 0; st < VEC; ++st)
-              out[k][j].v[mem(st)] = from_acc<T>(planes[XS(k) + 2] ? uv[mem(st)] * h[k][st] : h[k][st]);
+              out[k][j].v[mem(st)] = from_acc<T>(planes[staged_x(k) + 2] ? uv[mem(st)] * h[k][st] : h[k][st]);
           }
         }
       }

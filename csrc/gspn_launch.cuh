@@ -19,12 +19,16 @@ inline int positions_per_thread(int longest, int max_threads) {
   return p;
 }
 
+// Lets `kernel` take `smem` bytes of dynamic shared memory (an opt-in past 48 KB).
+template <typename Kernel>
+cudaError_t allow_shared_memory(Kernel kernel, size_t smem) {
+  return smem > 48 * 1024 ? cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem))
+                          : cudaSuccess;
+}
+
 template <typename Kernel>
 cudaError_t launch(Kernel kernel, dim3 blocks, dim3 threads, size_t smem, cudaStream_t stream, void** args) {
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
-  }
+  if (const cudaError_t err = allow_shared_memory(kernel, smem); err != cudaSuccess) return err;
   const cudaError_t err = cudaLaunchKernel(reinterpret_cast<const void*>(kernel), blocks, threads, args, smem, stream);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
@@ -33,10 +37,7 @@ cudaError_t launch(Kernel kernel, dim3 blocks, dim3 threads, size_t smem, cudaSt
 template <typename Kernel>
 cudaError_t launch_clusters(Kernel kernel, unsigned blocks, unsigned cluster, unsigned threads, size_t smem,
                             cudaStream_t stream, void** args) {
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
-  }
+  if (const cudaError_t err = allow_shared_memory(kernel, smem); err != cudaSuccess) return err;
   cudaLaunchAttribute attribute = {};
   attribute.id = cudaLaunchAttributeClusterDimension;
   attribute.val.clusterDim.x = cluster;

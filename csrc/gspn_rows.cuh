@@ -19,8 +19,7 @@ constexpr int kRowGroup = 2;         // rows staged per group
 // Shared memory of rows_scan_kernel: two stages of the staged tensors x kRowGroup rows, then the warp
 // edges.
 inline size_t rows_smem(int threads, size_t element, int K) {
-  const size_t edges = K == 2 ? WarpEdges<2>::bytes(threads) : WarpEdges<1>::bytes(threads);
-  return size_t(2) * staged_tensors(K) * kRowGroup * kRowQ * threads * element + edges;
+  return size_t(2) * staged_tensors(K) * kRowGroup * kRowQ * threads * element + warp_edges_bytes(threads, K);
 }
 
 template <typename T, int N>
@@ -49,7 +48,6 @@ __global__ void __launch_bounds__(kRowMaxThreads)
   constexpr int RG = kRowGroup;
   constexpr int NT = staged_tensors(K);
   enum { G0 = 0, G1 = 1, G2 = 2 };
-  auto XS = [](int k) { return 3 + 3 * k; };  // tensor of channel k's first factor of a; then lam (or u), u
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int cap = kRowQ * blockDim.x;
   const size_t buffer = size_t(NT) * RG * cap;  // elements of one stage
@@ -60,13 +58,7 @@ __global__ void __launch_bounds__(kRowMaxThreads)
   const ScanPlanes<T, kAdjoint> io(PlaneId(blockIdx.x, s.C, K, 2, 2), x, gates, lam, u, y, state, s);
   const Lines& ln = io.ln;
   const T* planes[NT];
-  planes[G0] = io.gate[0], planes[G1] = io.gate[1], planes[G2] = io.gate[2];
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    planes[XS(k)] = io.a0 + k * io.plane;
-    planes[XS(k) + 1] = io.a1 ? io.a1 + k * io.plane : nullptr;
-    planes[XS(k) + 2] = io.u ? io.u + k * io.plane : nullptr;
-  }
+  staged_planes<K>(io, planes);
   ex.clear();
 
   const int groups = (ln.T + RG - 1) / RG;
@@ -114,10 +106,10 @@ __global__ void __launch_bounds__(kRowMaxThreads)
         load_quad<T, kRowQ>(tslot(tile, G2, st) + i0, g2);
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          load_quad<T, kRowQ>(tslot(tile, XS(k), st) + i0, a[st][k]);
-          if (planes[XS(k) + 1]) {
+          load_quad<T, kRowQ>(tslot(tile, staged_x(k), st) + i0, a[st][k]);
+          if (planes[staged_x(k) + 1]) {
             float lv[kRowQ];
-            load_quad<T, kRowQ>(tslot(tile, XS(k) + 1, st) + i0, lv);
+            load_quad<T, kRowQ>(tslot(tile, staged_x(k) + 1, st) + i0, lv);
 #pragma unroll
             for (int q = 0; q < kRowQ; ++q) a[st][k][q] *= lv[q];
           }
@@ -137,8 +129,8 @@ __global__ void __launch_bounds__(kRowMaxThreads)
         const float(&h)[kRowQ] = stepper.state[k];
         if constexpr (!kAdjoint) {
           float out[kRowQ];
-          if (planes[XS(k) + 2]) {
-            load_quad<T, kRowQ>(tslot(tile, XS(k) + 2, st) + i0, out);
+          if (planes[staged_x(k) + 2]) {
+            load_quad<T, kRowQ>(tslot(tile, staged_x(k) + 2, st) + i0, out);
 #pragma unroll
             for (int q = 0; q < kRowQ; ++q) out[q] *= h[q];
           } else {

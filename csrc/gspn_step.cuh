@@ -15,6 +15,22 @@ namespace gspn {
 // Tensors the line-parallel scans stage for K channels: the three gate taps, then per channel the two
 // factors of the step input a, and u.
 __host__ __device__ constexpr int staged_tensors(int K) { return 3 + 3 * K; }
+// Index of channel k's first factor of a among them; its second factor (lam, or u in the adjoint) and
+// u follow.
+__host__ __device__ constexpr int staged_x(int k) { return 3 + 3 * k; }
+
+// The planes a line-parallel block stages, in that order (null where the op has no such tensor).
+template <int K, typename T, bool kAdjoint>
+__device__ __forceinline__ void staged_planes(const ScanPlanes<T, kAdjoint>& io,
+                                              const T* (&planes)[staged_tensors(K)]) {
+  planes[0] = io.gate[0], planes[1] = io.gate[1], planes[2] = io.gate[2];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    planes[staged_x(k)] = io.a0 + k * io.plane;
+    planes[staged_x(k) + 1] = io.a1 ? io.a1 + k * io.plane : nullptr;
+    planes[staged_x(k) + 2] = io.u ? io.u + k * io.plane : nullptr;
+  }
+}
 
 // A compile-time flag passed to a generic lambda, so that one body serves both scan orders.
 template <bool B> struct Flag { static constexpr bool value = B; };
@@ -85,13 +101,15 @@ __device__ __forceinline__ void scatter(float (&m0)[Q], float (&m1)[Q], float (&
   }
 }
 
+__host__ __device__ constexpr size_t warp_edges_bytes(int threads, int K) { return size_t(16) * K * (threads / 32); }
+
 // Edge values between the warps of the block for K channels, double-buffered by step parity:
 // [2][warps][K][left, right].
 template <int K>
 struct WarpEdges {
   float* edges;
   int warps, warp, lane;
-  __host__ __device__ static constexpr size_t bytes(int threads) { return size_t(16) * K * (threads / 32); }
+  __host__ __device__ static constexpr size_t bytes(int threads) { return warp_edges_bytes(threads, K); }
   __device__ __forceinline__ float& at(int parity, int w, int k, int side) const {
     return edges[((parity * warps + w) * K + k) * 2 + side];
   }
