@@ -161,6 +161,7 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
     ++exchange;
   };
   static_assert(kHalo % VEC == 0, "the halo is refreshed at the end of a vector");
+  static_assert(VEC % 4 == 0, "the state goes out in whole tiles of 4 columns");
 
   // Row r of the block (thread r) of tensor k in stage `stage`: BYTES, w ascending.
   auto row_of = [&](int stage, int k, int r) {
@@ -246,11 +247,7 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
           if (st + 1 < VEC) stepper.step(ex, a[st], wt[st], i, ln.L, keep_scanned);
           else stepper.step(ex, a[st], wt[st], i, ln.L, refresh_halo);
 #pragma unroll
-          for (int k = 0; k < K; ++k) {
-            h[k][st] = stepper.state[k][0];
-            if (io.state && owned)
-              io.state[k * io.plane + ln.state_offset(grp * STEPS + j * VEC + st, i)] = h[k][st];
-          }
+          for (int k = 0; k < K; ++k) h[k][st] = stepper.state[k][0];
         }
         if constexpr (!kAdjoint) {
 #pragma unroll
@@ -261,6 +258,16 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
             for (int st = 0; st < VEC; ++st)
               out[k][j].v[mem(st)] = from_acc<T>(planes[staged_x(k) + 2] ? uv[mem(st)] * h[k][st] : h[k][st]);
           }
+        }
+        if (io.state && owned) {  // whole tiles of 4 columns (W % VEC == 0), 4 steps at a time
+          const int t0 = grp * STEPS + j * VEC, w0 = ln.reversed ? ln.T - t0 - VEC : t0;
+#pragma unroll
+          for (int k = 0; k < K; ++k)
+#pragma unroll
+            for (int m = 0; m < VEC; m += 4) {
+              const float v[4] = {h[k][mem(m)], h[k][mem(m + 1)], h[k][mem(m + 2)], h[k][mem(m + 3)]};
+              store_pack<float, 4>(io.state + k * io.plane + (w0 + m) * ln.L + 4 * i, v);  // = state_offset
+            }
         }
       }
       if constexpr (!kAdjoint) {

@@ -30,9 +30,8 @@ struct Lines {
   // Where line t lies in memory order: w of a column, h of a row.
   __device__ __forceinline__ int pos(int t) const { return reversed ? T - 1 - t : t; }
   __device__ __forceinline__ int offset(int t, int i) const { return i * stride_i + pos(t) * stride_t; }
-  // The float32 states (h, and the adjoint's gh) are stored line by line: line t at pos(t) * L, so that
-  // a scan writes each line contiguously (rows: the plane's own layout; columns: its transpose, W x H).
-  __device__ __forceinline__ int state_offset(int t, int i) const { return pos(t) * L + i; }
+  // Where the float32 states (h, and the adjoint's gh) keep (t, i): see state_offset below.
+  __device__ __forceinline__ int64_t state_offset(int t, int i) const;
   // Scan index t and line index i of the element at row hh, column ww (the inverse of offset).
   __device__ __forceinline__ void locate(int hh, int ww, int& t, int& i) const {
     i = columns ? hh : ww;
@@ -40,6 +39,19 @@ struct Lines {
     if (reversed) t = T - 1 - t;
   }
 };
+
+// The float32 states of a column direction are stored in tiles of 4 columns, one after another, each
+// tile row-major (H x 4; the last H x W % 4): a column scan then writes 4 steps of consecutive rows as
+// one contiguous run, and the gradient pass reads 4 consecutive columns of a row as one vector. A row
+// direction's states are in the plane's own layout, which serves both already.
+__host__ __device__ __forceinline__ int64_t column_state_offset(int hh, int ww, int H, int W) {
+  const int w4 = ww & ~3;
+  return int64_t(w4) * H + int64_t(hh) * (W - w4 < 4 ? W - w4 : 4) + (ww & 3);
+}
+
+__device__ __forceinline__ int64_t Lines::state_offset(int t, int i) const {
+  return columns ? column_state_offset(i, pos(t), L, T) : offset(t, i);
+}
 
 // The (batch, direction, channel) a block scans. Blocks enumerate them with the channel fastest, over
 // `directions` directions from `first` on (all four for the generic kernels, a pair, rows or columns, for
@@ -110,6 +122,22 @@ template <typename T> struct Acc { using type = float; };
 
 // VEC consecutive elements moved as one aligned access.
 template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
+
+// N consecutive elements at p (aligned to N elements) as float32, and back.
+template <typename T, int N>
+__device__ __forceinline__ void load_pack(const T* p, float (&out)[N]) {
+  const Pack<T, N> v = *reinterpret_cast<const Pack<T, N>*>(p);
+#pragma unroll
+  for (int q = 0; q < N; ++q) out[q] = to_acc(v.v[q]);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_pack(T* p, const float (&in)[N]) {
+  Pack<T, N> v;
+#pragma unroll
+  for (int q = 0; q < N; ++q) v.v[q] = from_acc<T>(in[q]);
+  *reinterpret_cast<Pack<T, N>*>(p) = v;
+}
 
 // Reads the values of scan steps t0 .. t0+VEC-1 at line index i into out[0..VEC).
 // packed: the VEC steps are contiguous and aligned in memory (columns, W % VEC == 0, full group).

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 #include <cuda_runtime.h>
 
 #include "gspn_gradients.cuh"
@@ -17,6 +19,13 @@ inline int positions_per_thread(int longest, int max_threads) {
   int p = 1;
   while (p * max_threads < longest) p *= 2;
   return p;
+}
+
+// Whether every non-null pointer is a multiple of `bytes`.
+inline bool aligned_to(size_t bytes, std::initializer_list<const void*> pointers) {
+  for (const void* p : pointers)
+    if (reinterpret_cast<uintptr_t>(p) % bytes != 0) return false;
+  return true;
 }
 
 // Lets `kernel` take `smem` bytes of dynamic shared memory (an opt-in past 48 KB).
@@ -147,12 +156,19 @@ cudaError_t launch_backward(const T* gy, const T* x, const T* gates, const T* la
     if (err != cudaSuccess) return err;
   }
   void* args[] = {&gy, &x, &gates, &lam, &u, &h, &gh, &gx, &ggates, &glam, &gu, &s};
-  const int64_t tiles = int64_t((s.H + kTileH - 1) / kTileH) * ((s.W + kTileW - 1) / kTileW);
-  const int64_t blocks = int64_t(s.B) * s.G * gradient_slices(s) * tiles;
+  // Four positions per thread where every plane starts 4-element (and the states 16-byte) aligned.
+  const bool by_four = s.W % 4 == 0 && s.lam_batch_stride % 4 == 0 && s.gates_batch_stride % 4 == 0 &&
+                       aligned_to(4 * sizeof(T), {gy, x, gates, lam, u, gx, glam, gu}) &&
+                       aligned_to(16, {h, gh, ggates});
+  const int P = by_four ? 4 : 1;
+  const int64_t blocks = int64_t(s.B) * s.G * gradient_slices(s) * gradient_tiles(s, P);
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  const dim3 threads(kTileW, kTileH);
-  return summed ? launch(gradients_kernel<T, float>, unsigned(blocks), threads, 0, stream, args)
-                : launch(gradients_kernel<T, T>, unsigned(blocks), threads, 0, stream, args);
+  const unsigned threads = 32 * kGradRows;
+  if (summed)
+    return by_four ? launch(gradients_kernel<T, float, 4>, unsigned(blocks), threads, 0, stream, args)
+                   : launch(gradients_kernel<T, float, 1>, unsigned(blocks), threads, 0, stream, args);
+  return by_four ? launch(gradients_kernel<T, T, 4>, unsigned(blocks), threads, 0, stream, args)
+                 : launch(gradients_kernel<T, T, 1>, unsigned(blocks), threads, 0, stream, args);
 }
 
 #define GSPN_INSTANTIATE(T)                                                                                   \

@@ -22,21 +22,6 @@ inline size_t rows_smem(int threads, size_t element, int K) {
   return size_t(2) * staged_tensors(K) * kRowGroup * kRowQ * threads * element + warp_edges_bytes(threads, K);
 }
 
-template <typename T, int N>
-__device__ __forceinline__ void load_quad(const T* p, float (&out)[N]) {
-  const Pack<T, N> v = *reinterpret_cast<const Pack<T, N>*>(p);
-#pragma unroll
-  for (int q = 0; q < N; ++q) out[q] = to_acc(v.v[q]);
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void store_quad(T* p, const float (&in)[N]) {
-  Pack<T, N> v;
-#pragma unroll
-  for (int q = 0; q < N; ++q) v.v[q] = from_acc<T>(in[q]);
-  *reinterpret_cast<Pack<T, N>*>(p) = v;
-}
-
 // Forward (kAdjoint = false): x, lam, u as in the op; writes y = u h and, when `state` is not null, h.
 // Adjoint (kAdjoint = true): x is grad_y (B, 4, C, H, W), u the op's u (may be null), lam and y unused;
 // writes gh to `state`. One block per (batch, row direction, K channels): B * 2 * C / K blocks.
@@ -101,15 +86,15 @@ __global__ void __launch_bounds__(kRowMaxThreads)
     for (int st = 0; st < RG; ++st) {
       float g0[kRowQ] = {}, g1[kRowQ] = {}, g2[kRowQ] = {};
       if (active && t0 + st < ln.T) {
-        load_quad<T, kRowQ>(tslot(tile, G0, st) + i0, g0);
-        load_quad<T, kRowQ>(tslot(tile, G1, st) + i0, g1);
-        load_quad<T, kRowQ>(tslot(tile, G2, st) + i0, g2);
+        load_pack<T, kRowQ>(tslot(tile, G0, st) + i0, g0);
+        load_pack<T, kRowQ>(tslot(tile, G1, st) + i0, g1);
+        load_pack<T, kRowQ>(tslot(tile, G2, st) + i0, g2);
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          load_quad<T, kRowQ>(tslot(tile, staged_x(k), st) + i0, a[st][k]);
+          load_pack<T, kRowQ>(tslot(tile, staged_x(k), st) + i0, a[st][k]);
           if (planes[staged_x(k) + 1]) {
             float lv[kRowQ];
-            load_quad<T, kRowQ>(tslot(tile, staged_x(k) + 1, st) + i0, lv);
+            load_pack<T, kRowQ>(tslot(tile, staged_x(k) + 1, st) + i0, lv);
 #pragma unroll
             for (int q = 0; q < kRowQ; ++q) a[st][k][q] *= lv[q];
           }
@@ -130,17 +115,16 @@ __global__ void __launch_bounds__(kRowMaxThreads)
         if constexpr (!kAdjoint) {
           float out[kRowQ];
           if (planes[staged_x(k) + 2]) {
-            load_quad<T, kRowQ>(tslot(tile, staged_x(k) + 2, st) + i0, out);
+            load_pack<T, kRowQ>(tslot(tile, staged_x(k) + 2, st) + i0, out);
 #pragma unroll
             for (int q = 0; q < kRowQ; ++q) out[q] *= h[q];
           } else {
 #pragma unroll
             for (int q = 0; q < kRowQ; ++q) out[q] = h[q];
           }
-          store_quad<T, kRowQ>(io.y + k * io.plane + ln.offset(t, i0), out);
+          store_pack<T, kRowQ>(io.y + k * io.plane + ln.offset(t, i0), out);
         }
-        if (io.state)  // rows: state_offset = offset
-          store_quad<float, kRowQ>(io.state + k * io.plane + ln.state_offset(t, i0), h);
+        if (io.state) store_pack<float, kRowQ>(io.state + k * io.plane + ln.offset(t, i0), h);  // = state_offset
       }
     }
   }

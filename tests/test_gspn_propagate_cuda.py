@@ -20,7 +20,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # multiples of 8 take the line-parallel scans (forward and adjoint), the others the generic ones; columns
 # of more than 256 rows (520) are split over a cluster of blocks that exchange halos. Groups of an even
 # number of channels are scanned two channels per block. Groups of more than 16 channels (20 / 1: slices
-# of 16 and 4) sum their gate gradients over channel slices.
+# of 16 and 4) sum their gate gradients over channel slices. The gradient pass takes tiles of 8 rows x
+# 32 columns (4 x 32 where W % 4 == 0): 45 and 260 are split over several, the last partial.
 SHAPES = [
     (2, 6, 3, 5, 8),
     (1, 4, 1, 33, 16),
@@ -37,6 +38,8 @@ SHAPES = [
     (1, 2, 1, 200, 24),
     (1, 4, 2, 520, 16),
     (1, 20, 1, 9, 16),
+    (1, 3, 1, 19, 45),
+    (1, 2, 1, 21, 260),
 ]
 CHUNKS = [None, 1, 3, 8, 100]
 
