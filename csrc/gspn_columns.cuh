@@ -249,16 +249,6 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
 #pragma unroll
           for (int k = 0; k < K; ++k) h[k][st] = stepper.state[k][0];
         }
-        if constexpr (!kAdjoint) {
-#pragma unroll
-          for (int k = 0; k < K; ++k) {
-            float uv[VEC];
-            take(grp, staged_x(k) + 2, j, uv);
-#pragma unroll
-            for (int st = 0; st < VEC; ++st)
-              out[k][j].v[mem(st)] = from_acc<T>(planes[staged_x(k) + 2] ? uv[mem(st)] * h[k][st] : h[k][st]);
-          }
-        }
         if (io.state && owned) {  // whole tiles of 4 columns (W % VEC == 0), 4 steps at a time
           const int t0 = grp * STEPS + j * VEC, w0 = ln.reversed ? ln.T - t0 - VEC : t0;
 #pragma unroll
@@ -268,6 +258,16 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
               const float v[4] = {h[k][mem(m)], h[k][mem(m + 1)], h[k][mem(m + 2)], h[k][mem(m + 3)]};
               store_pack<float, 4>(io.state + k * io.plane + (w0 + m) * ln.L + 4 * i, v);  // = state_offset
             }
+        }
+        if constexpr (!kAdjoint) {
+#pragma unroll
+          for (int k = 0; k < K; ++k) {
+            float uv[VEC];
+            take(grp, staged_x(k) + 2, j, uv);
+#pragma unroll
+            for (int st = 0; st < VEC; ++st)
+              out[k][j].v[mem(st)] = from_acc<T>(planes[staged_x(k) + 2] ? uv[mem(st)] * h[k][st] : h[k][st]);
+          }
         }
       }
       if constexpr (!kAdjoint) {

@@ -172,14 +172,14 @@ __device__ __forceinline__ void store_steps(T* __restrict__ plane, const Lines& 
   }
 }
 
-// Asynchronous global -> shared copies (sm_80+): 16 bytes, or one float32 that is zero when !valid.
+// Asynchronous global -> shared copies (sm_80+) of 16 bytes (zeros where !valid).
 __device__ __forceinline__ void cp_async16(void* smem_ptr, const void* gmem_ptr) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_ptr));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_ptr));
 }
-__device__ __forceinline__ void cp_async_f32(float* smem_ptr, const float* gmem_ptr, bool valid) {
+__device__ __forceinline__ void cp_async16(void* smem_ptr, const void* gmem_ptr, bool valid) {  // zeros if !valid
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_ptr));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem_ptr), "r"(valid ? 4 : 0));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_ptr), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }

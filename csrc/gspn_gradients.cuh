@@ -68,6 +68,92 @@ __device__ __forceinline__ void atomic_add(float* out, const float (&v)[P]) {
   }
 }
 
+// With four positions per lane, the float32 states pass through shared memory, copied asynchronously
+// one channel ahead (cp.async needs no registers, so a block keeps a whole channel's states in flight;
+// loaded straight into registers, two blocks of 8 warps per multiprocessor stalled on them):
+// h on rows hh0 - 1 .. hh0 + kGradRows and 4-column chunks of the block's columns and one chunk on
+// either side; gh on the block's own positions. A row direction's rows are contiguous. A column
+// direction's tiles of 4 columns (column_state_offset) hold a row as a 16-byte vector 4 H apart, so
+// they are copied chunk by chunk, down the contiguous rows of each, and padded to an odd number of
+// 16-byte rows, so that the lanes of a quarter-warp read distinct banks.
+constexpr int kChunks = 34;                    // 4-column chunks of a staged row of h
+constexpr int kColumnPitch = (kGradRows + 3) * 4;  // floats per staged chunk of a column direction's h
+constexpr int kColumnGhPitch = (kGradRows + 1) * 4;
+constexpr int kRowPitch = kChunks * 4;             // floats per staged row of a row direction's h
+struct StateStage {  // one channel's, [direction pair]
+  float h_columns[2][kChunks * kColumnPitch];  // chunk-major
+  float gh_columns[2][32 * kColumnGhPitch];
+  float h_rows[2][(kGradRows + 2) * kRowPitch];  // row-major
+  float gh_rows[2][kGradRows * 32 * 4];
+};
+
+// Starts copying the states of channel plane `channel0` (direction d at d * direction_stride) around
+// the tile at (hh0, ww0) into `stage`; outside the plane: zeros. W % 4 == 0.
+__device__ __forceinline__ void stage_states(StateStage& stage, const float* h, const float* gh, int64_t channel0,
+                                             int64_t direction_stride, int hh0, int ww0, const Shape& s) {
+  const int chunk0 = ww0 / 4 - 1;  // of h; gh starts one chunk later
+  auto valid = [&](int r, int chunk) { return r >= 0 && r < s.H && chunk >= 0 && 4 * chunk < s.W; };
+  for (int k = threadIdx.x; k < kChunks * (kGradRows + 2); k += blockDim.x) {
+    {  // columns: consecutive threads copy consecutive rows of one chunk
+      const int chunk = k / (kGradRows + 2), row = k % (kGradRows + 2);
+      const int r = hh0 - 1 + row, c4 = chunk0 + chunk;
+      const bool ok = valid(r, c4);
+      const int64_t at = ok ? column_state_offset(r, 4 * c4, s.H, s.W) : 0;
+#pragma unroll
+      for (int d = 0; d < 2; ++d)
+        cp_async16(stage.h_columns[d] + chunk * kColumnPitch + row * 4, h + channel0 + d * direction_stride + at, ok);
+    }
+    {  // rows: consecutive chunks of one row
+      const int chunk = k % kChunks, row = k / kChunks;
+      const int r = hh0 - 1 + row, c4 = chunk0 + chunk;
+      const bool ok = valid(r, c4);
+      const int64_t at = ok ? int64_t(r) * s.W + 4 * c4 : 0;
+#pragma unroll
+      for (int d = 0; d < 2; ++d)
+        cp_async16(stage.h_rows[d] + row * kRowPitch + chunk * 4, h + channel0 + (d + 2) * direction_stride + at, ok);
+    }
+  }
+  for (int k = threadIdx.x; k < 32 * kGradRows; k += blockDim.x) {
+    {
+      const int chunk = k / kGradRows, row = k % kGradRows;
+      const int r = hh0 + row, c4 = chunk0 + 1 + chunk;
+      const bool ok = valid(r, c4);
+      const int64_t at = ok ? column_state_offset(r, 4 * c4, s.H, s.W) : 0;
+#pragma unroll
+      for (int d = 0; d < 2; ++d)
+        cp_async16(stage.gh_columns[d] + chunk * kColumnGhPitch + row * 4, gh + channel0 + d * direction_stride + at, ok);
+    }
+    {
+      const int chunk = k % 32, row = k / 32;
+      const int r = hh0 + row, c4 = chunk0 + 1 + chunk;
+      const bool ok = valid(r, c4);
+      const int64_t at = ok ? int64_t(r) * s.W + 4 * c4 : 0;
+#pragma unroll
+      for (int d = 0; d < 2; ++d)
+        cp_async16(stage.gh_rows[d] + row * 32 * 4 + chunk * 4, gh + channel0 + (d + 2) * direction_stride + at, ok);
+    }
+  }
+}
+
+// A staged row of h as load_row<4> gives it (columns w0 - 1 .. w0 + 4 of lane k's w0): `first` is the
+// row's element in chunk 0, chunks are `pitch` floats apart.
+__device__ __forceinline__ void staged_row(const float* first, int pitch, float (&out)[6]) {
+  const int lane = threadIdx.x % 32;
+  float mid[4];
+  load_pack<float, 4>(first + (lane + 1) * pitch, mid);
+  float left = __shfl_up_sync(0xffffffffu, mid[3], 1);
+  float right = __shfl_down_sync(0xffffffffu, mid[0], 1);
+  if (lane == 0) left = first[3];
+  if (lane == 31) right = first[(kChunks - 1) * pitch];
+  out[0] = left;
+#pragma unroll
+  for (int p = 0; p < 4; ++p) out[p + 1] = mid[p];
+  out[5] = right;
+}
+
+// Shared memory of gradients_kernel<P>.
+inline size_t gradients_smem(int P) { return P == 4 ? 2 * sizeof(StateStage) : 0; }
+
 // gy, glam, gu: (B, 4, C, H, W), dense; h, gh: the float32 states (Lines::state_offset); gx like x; ggates:
 // (B, 4, 3, G, H, W), dense, of type GG: float32 when a group has several slices. P = 4 needs W % 4 == 0
 // and every plane aligned to 4 elements (16 bytes for the states).
@@ -89,49 +175,81 @@ __global__ void __launch_bounds__(32 * kGradRows, 2)
   blk /= slices;
   const int g = blk % s.G;
   const int b = blk / s.G;
-  const int hh = tile / tiles_w * kGradRows + int(threadIdx.x) / 32;
-  if (hh >= s.H) return;  // the whole warp: no barrier follows
-  const int w0 = tile % tiles_w * 32 * P + int(threadIdx.x) % 32 * P;
-  const bool inside = w0 < s.W;  // all P positions, as W % P == 0
+  constexpr bool kStaged = P == 4;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  StateStage* stages = reinterpret_cast<StateStage*>(smem_raw);  // two, alternating over channels
+  const int hh0 = tile / tiles_w * kGradRows, ww0 = tile % tiles_w * 32 * P;
+  const int hh = hh0 + int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  if (!kStaged && hh >= s.H) return;  // the whole warp: no barrier follows
+  const int w0 = ww0 + lane * P;
+  const bool inside = hh < s.H && w0 < s.W;  // all P positions, as W % P == 0
   const int64_t plane = int64_t(s.H) * s.W;
   const int64_t pos = int64_t(hh) * s.W + w0;
   const int c_begin = g * per_group + slice * kGradChannels;
   const int c_end = min(c_begin + kGradChannels, (g + 1) * per_group);
+  auto channel_plane = [&](int c) { return (int64_t(b) * 4 * s.C + c) * plane; };  // dense (b, 0, c)
+  if constexpr (kStaged) {
+    stage_states(stages[c_begin & 1], h, gh, channel_plane(c_begin), s.C * plane, hh0, ww0, s);
+    cp_async_commit();
+  }
 
   float gw[4][3][P] = {};  // per direction and tap, summed over the slice's channels
   for (int c = c_begin; c < c_end; ++c) {
-    const int64_t channel0 = (int64_t(b) * 4 * s.C + c) * plane;  // dense (b, 0, c) plane
+    const int64_t channel0 = channel_plane(c);
+    const StateStage& stage = stages[c & 1];
+    if constexpr (kStaged) {
+      // into the stage the last channel used (released by the barrier at the end of the loop)
+      if (c + 1 < c_end) stage_states(stages[(c + 1) & 1], h, gh, channel_plane(c + 1), s.C * plane, hh0, ww0, s);
+      cp_async_commit();
+      cp_async_wait_previous();  // this channel's stage has landed
+      __syncthreads();
+    }
     float xv[P] = {}, gx_sum[P] = {};
     if (inside) load_pack<T, P>(x + (int64_t(b) * s.C + c) * plane + pos, xv);
 #pragma unroll
     for (int d = 0; d < 4; ++d) {
       const int64_t base = channel0 + d * int64_t(s.C) * plane;
+      const int r = hh - hh0;  // the staged row of h above this one
       // h_{t-1}[i + k - 1] (tap k) and h_t[i] of each position: columns (d = 0, 1) step along w, so
       // the taps are the rows above, at and below, one column back; rows step along h, so the taps are
       // three columns of the row before.
-      float prev[3][P], now[P] = {};
+      float prev[3][P], now[P] = {}, ghv[P] = {};
       if (d < 2) {
         float rows[3][P + 2];
 #pragma unroll
-        for (int k = 0; k < 3; ++k) load_row<P>(h + base, true, hh - 1 + k, w0, s, rows[k]);
+        for (int k = 0; k < 3; ++k) {
+          if constexpr (kStaged) staged_row(stage.h_columns[d] + (r + k) * 4, kColumnPitch, rows[k]);
+          else load_row<P>(h + base, true, hh - 1 + k, w0, s, rows[k]);
+        }
 #pragma unroll
         for (int p = 0; p < P; ++p) {
 #pragma unroll
           for (int k = 0; k < 3; ++k) prev[k][p] = rows[k][d == 0 ? p : p + 2];
           now[p] = rows[1][p + 1];
         }
+        if constexpr (kStaged) load_pack<float, P>(stage.gh_columns[d] + lane * kColumnGhPitch + r * 4, ghv);
+        else if (inside) load_pack<float, P>(gh + base + column_state_offset(hh, w0, s.H, s.W), ghv);
       } else {
         float row[P + 2];
-        load_row<P>(h + base, false, d == 2 ? hh - 1 : hh + 1, w0, s, row);
+        const int before = d == 2 ? hh - 1 : hh + 1;  // the line before, in scan order
+        if constexpr (kStaged) {
+          staged_row(stage.h_rows[d - 2] + (before - hh0 + 1) * kRowPitch, 4, row);
+          load_pack<float, P>(stage.h_rows[d - 2] + (r + 1) * kRowPitch + (lane + 1) * 4, now);
+          load_pack<float, P>(stage.gh_rows[d - 2] + r * 32 * 4 + lane * 4, ghv);
+        } else {
+          load_row<P>(h + base, false, before, w0, s, row);
+          if (inside) {
+            load_pack<float, P>(gh + base + pos, ghv);
+            if (u) load_pack<float, P>(h + base + pos, now);
+          }
+        }
 #pragma unroll
         for (int p = 0; p < P; ++p)
 #pragma unroll
           for (int k = 0; k < 3; ++k) prev[k][p] = row[p + k];
-        if (u && inside) load_pack<float, P>(h + base + pos, now);
       }
       if (!inside) continue;
-      float ghv[P], lv[P], out[P];
-      load_pack<float, P>(gh + base + (d < 2 ? column_state_offset(hh, w0, s.H, s.W) : pos), ghv);
+      float lv[P], out[P];
       load_pack<T, P>(lam + b * s.lam_batch_stride + (int64_t(d) * s.C + c) * plane + pos, lv);
 #pragma unroll
       for (int p = 0; p < P; ++p) {
@@ -150,6 +268,7 @@ __global__ void __launch_bounds__(32 * kGradRows, 2)
       }
     }
     if (inside) store_pack<T, P>(gx + (int64_t(b) * s.C + c) * plane + pos, gx_sum);
+    if constexpr (kStaged) __syncthreads();  // stage c & 1 is consumed: channel c + 2 may overwrite it
   }
   if (!inside) return;
 
