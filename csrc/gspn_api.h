@@ -17,8 +17,8 @@ struct Shape {
 };
 
 // y = u * h (y = h when u is null); h_out (may be null) receives the state h in float32, for the
-// backward, line by line: each (b, d, c) plane of a row direction in its own H x W layout, of a column
-// direction transposed (W x H), so that every scan step writes one contiguous line.
+// backward: each (b, d, c) plane of a row direction in its own H x W layout, of a column direction in
+// tiles of 4 columns, each H x 4 row-major (Lines::state_offset).
 // `aligned`: every pointer is 16-byte aligned (the line-parallel kernels need it).
 template <typename T>
 cudaError_t launch_forward(const T* x, const T* gates, const T* lam, const T* u, T* y, float* h_out, Shape s,

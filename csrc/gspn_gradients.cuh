@@ -6,10 +6,10 @@
 //   g logit_k = s_k (1 - s_k) / S (gw_k - sum_j w_j gw_j)     (d w_j / d s_k = (delta_jk - w_j) / S)
 // The logit gradient is linear in gw, so partial sums over slices of a group's channels add up.
 //
-// A warp reads and writes one row of 32 P consecutive positions of each plane, P per lane (the states of
-// the column directions, in tiles of 4 columns, as P-vectors 4 H apart); a stencil's neighbours one
-// column away come from the next lanes, those one row away from the L1 (the block's warps take
-// consecutive rows).
+// A block takes kGradRows rows x 32 P columns, a warp one row of 32 P consecutive positions of each
+// plane, P per lane, as vectors; a stencil's neighbours one column away come from the next lanes. With
+// P = 4 the states go through shared memory (StateStage below), with P = 1 (any width) straight from
+// global memory.
 #pragma once
 
 #include <type_traits>
@@ -76,10 +76,10 @@ __device__ __forceinline__ void atomic_add(float* out, const float (&v)[P]) {
 // direction's tiles of 4 columns (column_state_offset) hold a row as a 16-byte vector 4 H apart, so
 // they are copied chunk by chunk, down the contiguous rows of each, and padded to an odd number of
 // 16-byte rows, so that the lanes of a quarter-warp read distinct banks.
-constexpr int kChunks = 34;                    // 4-column chunks of a staged row of h
-constexpr int kColumnPitch = (kGradRows + 3) * 4;  // floats per staged chunk of a column direction's h
-constexpr int kColumnGhPitch = (kGradRows + 1) * 4;
-constexpr int kRowPitch = kChunks * 4;             // floats per staged row of a row direction's h
+constexpr int kChunks = 34;                          // 4-column chunks of a staged row of h
+constexpr int kColumnPitch = (kGradRows + 3) * 4;    // floats per staged chunk of a column direction's h
+constexpr int kColumnGhPitch = (kGradRows + 1) * 4;  // and of its gh
+constexpr int kRowPitch = kChunks * 4;               // floats per staged row of a row direction's h
 struct StateStage {  // one channel's, [direction pair]
   float h_columns[2][kChunks * kColumnPitch];  // chunk-major
   float gh_columns[2][32 * kColumnGhPitch];
@@ -121,7 +121,8 @@ __device__ __forceinline__ void stage_states(StateStage& stage, const float* h, 
       const int64_t at = ok ? column_state_offset(r, 4 * c4, s.H, s.W) : 0;
 #pragma unroll
       for (int d = 0; d < 2; ++d)
-        cp_async16(stage.gh_columns[d] + chunk * kColumnGhPitch + row * 4, gh + channel0 + d * direction_stride + at, ok);
+        cp_async16(stage.gh_columns[d] + chunk * kColumnGhPitch + row * 4, gh + channel0 + d * direction_stride + at,
+                   ok);
     }
     {
       const int chunk = k % 32, row = k / 32;

@@ -4,7 +4,7 @@
 (meta) implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through them without a
 graph break. When a backward will follow, the forward also returns the state h (before u) in float32:
 the backward's gate gradients take differences of products of h, which a 16-bit copy would blur. The
-state is the kernels' own: its column-direction planes are stored transposed (see csrc/gspn_api.h).
+state is the kernels' own: its column-direction planes are stored in tiles of 4 columns (csrc/gspn_api.h).
 """
 
 from __future__ import annotations
