@@ -24,10 +24,32 @@ template <typename T>
 cudaError_t launch_forward(const T* x, const T* gates, const T* lam, const T* u, T* y, float* h_out, Shape s,
                            bool aligned, cudaStream_t stream);
 
-// The backward's gradient pass sums the gate gradients of up to kGradChannels channels of a group in one
-// block; larger groups add the partial sums of their channel slices atomically, in float32.
-constexpr int kGradChannels = 16;
-inline bool gate_gradients_in_float32(const Shape& s) { return s.C / s.G > kGradChannels; }
+#if defined(__CUDACC__)
+#define GSPN_HOST_DEVICE __host__ __device__
+#else
+#define GSPN_HOST_DEVICE
+#endif
+
+// The backward's gradient pass: a block takes a tile of kGradRows x 128 positions and a slice of one gate
+// group's channels, and sums their gate gradients itself. A group is split into slices only where the
+// tiles alone would give fewer than kGradBlocks blocks; its slices then add their partial sums
+// atomically, in float32. (H100, SDXL: 16K level 1 takes one slice of 80 channels, 5.17 ms against 5.50
+// with slices of 16; 4K level 2 needs its slices, 0.22 ms against 0.43 with whole groups.)
+constexpr int kGradRows = 8;
+constexpr long long kGradBlocks = 512;
+
+// Channels of a slice (the last slice of a group may have fewer).
+GSPN_HOST_DEVICE inline int gradient_slice_channels(const Shape& s) {
+  const long long tiles = (long long)s.B * s.G * ((s.H + kGradRows - 1) / kGradRows) * ((s.W + 127) / 128);
+  const int per_group = s.C / s.G;
+  const long long wanted = (kGradBlocks + tiles - 1) / tiles;  // slices
+  return wanted >= per_group ? 1 : int((per_group + wanted - 1) / wanted);
+}
+GSPN_HOST_DEVICE inline int gradient_slices(const Shape& s) {
+  const int channels = gradient_slice_channels(s);
+  return (s.C / s.G + channels - 1) / channels;
+}
+inline bool gate_gradients_in_float32(const Shape& s) { return gradient_slices(s) > 1; }
 
 // The backward: gh (float32, (B, 4, C, H, W)) is scratch for the adjoint state (laid out as h); gx takes
 // x's shape and dtype; ggates (B, 4, 3, G, H, W) is float32 when gate_gradients_in_float32(s), else of

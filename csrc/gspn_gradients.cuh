@@ -18,14 +18,6 @@
 
 namespace gspn {
 
-constexpr int kGradRows = 8;  // warps of a gradient block, one row each
-
-// Channel slices per gate group: with more than one, blocks add their gate gradients atomically into
-// a zero-filled ggates.
-__host__ __device__ inline int gradient_slices(const Shape& s) {
-  return (s.C / s.G + kGradChannels - 1) / kGradChannels;
-}
-
 // Tiles of kGradRows rows x 32 P columns that cover a plane.
 __host__ __device__ inline int gradient_tiles_w(const Shape& s, int P) { return (s.W + 32 * P - 1) / (32 * P); }
 __host__ __device__ inline int gradient_tiles(const Shape& s, int P) {
@@ -158,8 +150,9 @@ inline size_t gradients_smem(int P) { return P == 4 ? 2 * sizeof(StateStage) : 0
 // gy, glam, gu: (B, 4, C, H, W), dense; h, gh: the float32 states (Lines::state_offset); gx like x; ggates:
 // (B, 4, 3, G, H, W), dense, of type GG: float32 when a group has several slices. P = 4 needs W % 4 == 0
 // and every plane aligned to 4 elements (16 bytes for the states).
-// Block (tile, slice, g, b) takes a tile of kGradRows x 32 P positions of up to kGradChannels channels
-// of one gate group, in all four directions.
+// Block (tile, slice, g, b) takes a tile of kGradRows x 32 P positions (a warp a row) of the channels of
+// one slice of gate group g (gspn_api.h), in all four directions; with several slices a group's blocks
+// add their gate gradients atomically into a zero-filled ggates.
 template <typename T, typename GG, int P>
 __global__ void __launch_bounds__(32 * kGradRows, 2)
     gradients_kernel(const T* __restrict__ gy, const T* __restrict__ x, const T* __restrict__ gates,
@@ -186,8 +179,9 @@ __global__ void __launch_bounds__(32 * kGradRows, 2)
   const bool inside = hh < s.H && w0 < s.W;  // all P positions, as W % P == 0
   const int64_t plane = int64_t(s.H) * s.W;
   const int64_t pos = int64_t(hh) * s.W + w0;
-  const int c_begin = g * per_group + slice * kGradChannels;
-  const int c_end = min(c_begin + kGradChannels, (g + 1) * per_group);
+  const int slice_channels = gradient_slice_channels(s);
+  const int c_begin = g * per_group + slice * slice_channels;
+  const int c_end = min(c_begin + slice_channels, (g + 1) * per_group);
   auto channel_plane = [&](int c) { return (int64_t(b) * 4 * s.C + c) * plane; };  // dense (b, 0, c)
   if constexpr (kStaged) {
     stage_states(stages[c_begin & 1], h, gh, channel_plane(c_begin), s.C * plane, hh0, ww0, s);

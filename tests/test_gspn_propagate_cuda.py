@@ -19,9 +19,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (B, C, G, H, W): odd sizes, H != W, lines of length 1, every kind of gate grouping. Widths that are
 # multiples of 8 take the line-parallel scans (forward and adjoint), the others the generic ones; columns
 # of more than 256 rows (520) are split over a cluster of blocks that exchange halos. Groups of an even
-# number of channels are scanned two channels per block. Groups of more than 16 channels (20 / 1: slices
-# of 16 and 4) sum their gate gradients over channel slices. The gradient pass takes tiles of 8 rows x
-# 32 columns (4 x 32 where W % 4 == 0): 45 and 260 are split over several, the last partial.
+# number of channels are scanned two channels per block. The gradient pass takes tiles of 8 rows x 32
+# columns (4 x 32 where W % 4 == 0): 45 and 260 are split over several, the last partial; grids this
+# small split every gate group into slices of one channel, whose blocks add their gate gradients
+# atomically (test_gradient_slices_by_grid_size has the other cases).
 SHAPES = [
     (2, 6, 3, 5, 8),
     (1, 4, 1, 33, 16),
@@ -191,6 +192,15 @@ def test_strided_views_of_one_coefficient_tensor(width):
     grads_ref = torch.autograd.grad(y_ref.square().sum(), [x, coeffs])
     for got, want in zip(grads, grads_ref):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# The gradient pass slices a gate group's channels only where its tiles of 8 x 128 positions alone give
+# fewer than 512 blocks (csrc/gspn_api.h): 512 tiles take the 4 channels whole (gate gradients written
+# directly); 32 tiles split 96 channels into 16 slices of 6 (added atomically).
+@pytest.mark.parametrize("shape", [(1, 4, 1, 512, 1024), (1, 96, 1, 64, 512)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradient_slices_by_grid_size(shape, dtype):
+    check_gradients(shape, None, True, dtype, SEED)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
