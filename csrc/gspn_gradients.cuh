@@ -24,26 +24,34 @@ __host__ __device__ inline int gradient_tiles(const Shape& s, int P) {
   return (s.H + kGradRows - 1) / kGradRows * gradient_tiles_w(s, P);
 }
 
-// Row r of a float32 state plane at columns w0 - 1 .. w0 + P into out[0 .. P + 1], zero outside the
-// plane; `tiled`: a column direction's layout (column_state_offset), else the plane's own. Every lane of
-// the warp calls it (shuffles); lane k holds w0 = first + k P, and W % P == 0, so that the P columns
-// are contiguous in either layout.
-template <int P>
-__device__ __forceinline__ void load_row(const float* plane, bool tiled, int r, int w0, const Shape& s,
-                                         float (&out)[P + 2]) {
+// out[0 .. P + 1]: the value left of this lane's P values `mid`, those, and the value right of them. The
+// neighbours come from the next lanes by shuffle; the warp's end lanes take theirs from edge(-1) (lane 0)
+// and edge(P) (lane 31), called by that lane only. Every lane of the warp calls it.
+template <int P, typename Edge>
+__device__ __forceinline__ void with_neighbours(const float (&mid)[P], Edge edge, float (&out)[P + 2]) {
   const int lane = threadIdx.x % 32;
-  const bool row_inside = r >= 0 && r < s.H;
-  auto at = [&](int w) { return tiled ? column_state_offset(r, w, s.H, s.W) : int64_t(r) * s.W + w; };
-  float mid[P] = {};
-  if (row_inside && w0 < s.W) load_pack<float, P>(plane + at(w0), mid);
   float left = __shfl_up_sync(0xffffffffu, mid[P - 1], 1);
   float right = __shfl_down_sync(0xffffffffu, mid[0], 1);
-  if (lane == 0) left = row_inside && w0 > 0 ? plane[at(w0 - 1)] : 0.f;
-  if (lane == 31) right = row_inside && w0 + P < s.W ? plane[at(w0 + P)] : 0.f;
+  if (lane == 0) left = edge(-1);
+  if (lane == 31) right = edge(P);
   out[0] = left;
 #pragma unroll
   for (int p = 0; p < P; ++p) out[p + 1] = mid[p];
   out[P + 1] = right;
+}
+
+// Row r of a float32 state plane at columns w0 - 1 .. w0 + P into out[0 .. P + 1], zero outside the
+// plane; `tiled`: a column direction's layout (column_state_offset), else the plane's own. Lane k holds
+// w0 = first + k P, and W % P == 0, so that the P columns are contiguous in either layout.
+template <int P>
+__device__ __forceinline__ void load_row(const float* plane, bool tiled, int r, int w0, const Shape& s,
+                                         float (&out)[P + 2]) {
+  const bool row_inside = r >= 0 && r < s.H;
+  auto at = [&](int w) { return tiled ? column_state_offset(r, w, s.H, s.W) : int64_t(r) * s.W + w; };
+  float mid[P] = {};
+  if (row_inside && w0 < s.W) load_pack<float, P>(plane + at(w0), mid);
+  auto edge = [&](int k) { return row_inside && (k < 0 ? w0 > 0 : w0 + k < s.W) ? plane[at(w0 + k)] : 0.f; };
+  with_neighbours<P>(mid, edge, out);
 }
 
 // out[0 .. P) += v, atomically (one vector reduction on sm_90 and later when P = 4).
@@ -84,64 +92,38 @@ struct StateStage {  // one channel's, [direction pair]
 __device__ __forceinline__ void stage_states(StateStage& stage, const float* h, const float* gh, int64_t channel0,
                                              int64_t direction_stride, int hh0, int ww0, const Shape& s) {
   const int chunk0 = ww0 / 4 - 1;  // of h; gh starts one chunk later
-  auto valid = [&](int r, int chunk) { return r >= 0 && r < s.H && chunk >= 0 && 4 * chunk < s.W; };
+  // The 16 bytes at row r, columns 4 c4 .. 4 c4 + 3 of `state` in directions `first` and `first` + 1, to
+  // dst[d] + at.
+  auto piece = [&](float* const (&dst)[2], int at, const float* state, int first, int r, int c4) {
+    const bool ok = r >= 0 && r < s.H && c4 >= 0 && 4 * c4 < s.W;
+    const int64_t from = !ok ? 0 : first < 2 ? column_state_offset(r, 4 * c4, s.H, s.W) : int64_t(r) * s.W + 4 * c4;
+#pragma unroll
+    for (int d = 0; d < 2; ++d)
+      cp_async16(dst[d] + at, state + channel0 + (first + d) * direction_stride + from, ok);
+  };
+  float* const h_columns[2] = {stage.h_columns[0], stage.h_columns[1]};
+  float* const h_rows[2] = {stage.h_rows[0], stage.h_rows[1]};
+  float* const gh_columns[2] = {stage.gh_columns[0], stage.gh_columns[1]};
+  float* const gh_rows[2] = {stage.gh_rows[0], stage.gh_rows[1]};
   for (int k = threadIdx.x; k < kChunks * (kGradRows + 2); k += blockDim.x) {
-    {  // columns: consecutive threads copy consecutive rows of one chunk
-      const int chunk = k / (kGradRows + 2), row = k % (kGradRows + 2);
-      const int r = hh0 - 1 + row, c4 = chunk0 + chunk;
-      const bool ok = valid(r, c4);
-      const int64_t at = ok ? column_state_offset(r, 4 * c4, s.H, s.W) : 0;
-#pragma unroll
-      for (int d = 0; d < 2; ++d)
-        cp_async16(stage.h_columns[d] + chunk * kColumnPitch + row * 4, h + channel0 + d * direction_stride + at, ok);
-    }
-    {  // rows: consecutive chunks of one row
-      const int chunk = k % kChunks, row = k / kChunks;
-      const int r = hh0 - 1 + row, c4 = chunk0 + chunk;
-      const bool ok = valid(r, c4);
-      const int64_t at = ok ? int64_t(r) * s.W + 4 * c4 : 0;
-#pragma unroll
-      for (int d = 0; d < 2; ++d)
-        cp_async16(stage.h_rows[d] + row * kRowPitch + chunk * 4, h + channel0 + (d + 2) * direction_stride + at, ok);
-    }
+    // columns: consecutive threads copy consecutive rows of one chunk; rows: consecutive chunks of one row
+    const int chunk = k / (kGradRows + 2), row = k % (kGradRows + 2);
+    piece(h_columns, chunk * kColumnPitch + row * 4, h, 0, hh0 - 1 + row, chunk0 + chunk);
+    piece(h_rows, k / kChunks * kRowPitch + k % kChunks * 4, h, 2, hh0 - 1 + k / kChunks, chunk0 + k % kChunks);
   }
   for (int k = threadIdx.x; k < 32 * kGradRows; k += blockDim.x) {
-    {
-      const int chunk = k / kGradRows, row = k % kGradRows;
-      const int r = hh0 + row, c4 = chunk0 + 1 + chunk;
-      const bool ok = valid(r, c4);
-      const int64_t at = ok ? column_state_offset(r, 4 * c4, s.H, s.W) : 0;
-#pragma unroll
-      for (int d = 0; d < 2; ++d)
-        cp_async16(stage.gh_columns[d] + chunk * kColumnGhPitch + row * 4, gh + channel0 + d * direction_stride + at,
-                   ok);
-    }
-    {
-      const int chunk = k % 32, row = k / 32;
-      const int r = hh0 + row, c4 = chunk0 + 1 + chunk;
-      const bool ok = valid(r, c4);
-      const int64_t at = ok ? int64_t(r) * s.W + 4 * c4 : 0;
-#pragma unroll
-      for (int d = 0; d < 2; ++d)
-        cp_async16(stage.gh_rows[d] + row * 32 * 4 + chunk * 4, gh + channel0 + (d + 2) * direction_stride + at, ok);
-    }
+    const int chunk = k / kGradRows, row = k % kGradRows;
+    piece(gh_columns, chunk * kColumnGhPitch + row * 4, gh, 0, hh0 + row, chunk0 + 1 + chunk);
+    piece(gh_rows, k / 32 * 32 * 4 + k % 32 * 4, gh, 2, hh0 + k / 32, chunk0 + 1 + k % 32);
   }
 }
 
 // A staged row of h as load_row<4> gives it (columns w0 - 1 .. w0 + 4 of lane k's w0): `first` is the
 // row's element in chunk 0, chunks are `pitch` floats apart.
 __device__ __forceinline__ void staged_row(const float* first, int pitch, float (&out)[6]) {
-  const int lane = threadIdx.x % 32;
   float mid[4];
-  load_pack<float, 4>(first + (lane + 1) * pitch, mid);
-  float left = __shfl_up_sync(0xffffffffu, mid[3], 1);
-  float right = __shfl_down_sync(0xffffffffu, mid[0], 1);
-  if (lane == 0) left = first[3];
-  if (lane == 31) right = first[(kChunks - 1) * pitch];
-  out[0] = left;
-#pragma unroll
-  for (int p = 0; p < 4; ++p) out[p + 1] = mid[p];
-  out[5] = right;
+  load_pack<float, 4>(first + (threadIdx.x % 32 + 1) * pitch, mid);
+  with_neighbours<4>(mid, [&](int k) { return k < 0 ? first[3] : first[(kChunks - 1) * pitch]; }, out);
 }
 
 // Shared memory of gradients_kernel<P>.
