@@ -97,6 +97,16 @@ def test_forward_matches_reference(shape, chunk, dtype):
         assert rel_err(y, y64) <= 2 * rel_err(y_ref, y64) + 1e-6, f"seed {seed}"
 
 
+def check_forward(inputs, chunk, message):
+    """y of the CUDA op against float64 (float32: within 1e-5; 16-bit: within twice the error of the
+    reference run in that dtype)."""
+    y = gspn_propagate(*inputs, chunk_size=chunk, backend="cuda")
+    y64 = gspn_propagate(*as64(*inputs), chunk_size=chunk, backend="reference")
+    y_ref = gspn_propagate(*inputs, chunk_size=chunk, backend="reference")
+    bound = 1e-5 if y.dtype == torch.float32 else 2 * rel_err(y_ref, y64) + 1e-6
+    assert rel_err(y, y64) <= bound, message
+
+
 def check_gradients(shape, chunk, with_u, dtype, seed):
     """Every input's gradient against float64 (float32: within 1e-4; 16-bit: within twice the error
     of the reference run in that dtype)."""
@@ -140,12 +150,7 @@ def test_gradients_match_reference(shape, chunk, with_u, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tall_columns_split_over_a_cluster(shape, chunk, dtype):
     seed = SEED + hash((shape, chunk, str(dtype))) % 1000
-    x, gates, lam, u = make_inputs(shape, dtype, seed=seed)
-    y = gspn_propagate(x, gates, lam, u, chunk_size=chunk, backend="cuda")
-    y64 = gspn_propagate(*as64(x, gates, lam, u), chunk_size=chunk, backend="reference")
-    y_ref = gspn_propagate(x, gates, lam, u, chunk_size=chunk, backend="reference")
-    bound = 1e-5 if dtype == torch.float32 else 2 * rel_err(y_ref, y64) + 1e-6
-    assert rel_err(y, y64) <= bound, f"seed {seed}"
+    check_forward(make_inputs(shape, dtype, seed=seed), chunk, f"seed {seed}")
     check_gradients(shape, chunk, True, dtype, seed)
 
 
@@ -157,23 +162,14 @@ def test_random_shapes_against_reference():
         shape = (rng.randint(1, 3), g * rng.randint(1, 4), g, rng.randint(1, 70), width)
         chunk = rng.choice([None, 1, 2, 5, 16, 200])
         dtype = rng.choice(DTYPES)
-        x, gates, lam, u = make_inputs(shape, dtype, seed=rng.randint(0, 10**6))
-        y = gspn_propagate(x, gates, lam, u, chunk_size=chunk, backend="cuda")
-        y64 = gspn_propagate(*as64(x, gates, lam, u), chunk_size=chunk, backend="reference")
-        y_ref = gspn_propagate(x, gates, lam, u, chunk_size=chunk, backend="reference")
-        bound = 1e-5 if dtype == torch.float32 else 2 * rel_err(y_ref, y64) + 1e-6
-        assert rel_err(y, y64) <= bound, f"{shape} chunk={chunk} {dtype} (seed {SEED})"
+        inputs = make_inputs(shape, dtype, seed=rng.randint(0, 10**6))
+        check_forward(inputs, chunk, f"{shape} chunk={chunk} {dtype} (seed {SEED})")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_long_lines_vectorised_paths(dtype):
     # 1024-long lines take 2 positions per thread; W % 8 == 0 takes the packed column loads.
-    x, gates, lam, u = make_inputs((1, 2, 1, 24, 1024), dtype, seed=SEED)
-    y = gspn_propagate(x, gates, lam, u, backend="cuda")
-    y64 = gspn_propagate(*as64(x, gates, lam, u), backend="reference")
-    y_ref = gspn_propagate(x, gates, lam, u, backend="reference")
-    bound = 1e-5 if dtype == torch.float32 else 2 * rel_err(y_ref, y64) + 1e-6
-    assert rel_err(y, y64) <= bound
+    check_forward(make_inputs((1, 2, 1, 24, 1024), dtype, seed=SEED), None, f"seed {SEED}")
 
 
 @pytest.mark.parametrize("width", [16, 13])
