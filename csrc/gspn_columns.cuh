@@ -13,8 +13,13 @@
 // on the receiver's mbarrier rather than a cluster barrier. Inputs arrive through the TMA
 // (gspn_tma.cuh).
 //
-// Thread k owns row first - halo + k (Q = 1) in each of the K channels of one gate group the block scans,
-// and writes y as column_bytes per row and group.
+// Inside a block the warps need no barrier per step either: warp w's lanes hold rows w * kLaneRows - 
+// kLaneHalo + lane (one row per lane, Q = 1, in each of the K channels of one gate group the block scans),
+// so neighbouring warps overlap by kLaneHalo lanes on either side. A lane's neighbours come by shuffle;
+// the outermost lanes of a warp go stale one lane per step from the outside in, and every kLaneHalo steps
+// each warp takes its neighbours' fresh rows through shared memory (one barrier per kLaneHalo steps).
+// Only a row's owner (a warp's inner lanes) writes y and the state. (With one barrier per step and the
+// edge values through shared memory, barrier waits were 30% of the stall samples, ncu, SDXL 16K.)
 #pragma once
 
 #include <cooperative_groups.h>
@@ -27,8 +32,10 @@ namespace gspn {
 constexpr int kBand = 256;
 constexpr int kHalo = 16;
 constexpr int kColumnMaxBlocks = 4;  // columns of up to 1024 rows
-constexpr int kColumnMaxThreads = kBand + 2 * kHalo;
-constexpr int kBoxRows = kColumnMaxThreads / 2;  // rows of one TMA box (at most 256)
+constexpr int kLaneHalo = 4;
+constexpr int kLaneRows = 32 - 2 * kLaneHalo;   // rows a warp owns
+constexpr int kColumnRows = kBand + 2 * kHalo;  // rows a block scans, at most
+constexpr int kColumnMaxThreads = (kColumnRows + kLaneRows - 1) / kLaneRows * 32;
 
 // Bytes per row and tensor that a group of steps moves: 64 where both stages fit in shared memory, else
 // 16 steps (a halo's worth), else 32 bytes. So groups with one channel per block are 64 bytes (32 steps
@@ -37,30 +44,32 @@ constexpr int kBoxRows = kColumnMaxThreads / 2;  // rows of one TMA box (at most
 // multiprocessor, and the paper shape's column scans took 3.26 ms against 2.24 ms with 64.)
 template <typename T, int K>
 __host__ __device__ constexpr int column_bytes() {
-  constexpr size_t kFit = 224 * 1024, kRows = size_t(2) * staged_tensors(K) * kColumnMaxThreads;
+  constexpr size_t kFit = 224 * 1024, kRows = size_t(2) * staged_tensors(K) * kColumnRows;
   return kRows * 64 <= kFit ? 64 : kRows * 16 * sizeof(T) <= kFit ? 16 * int(sizeof(T)) : 32;
 }
 
 // How the blocks of one column plane split it: `cluster` blocks of `band` rows each (the last may hold
-// fewer), each scanning `halo` more rows on either side, one thread per row.
+// fewer), each scanning `halo` more rows on either side with `warps` warps of kLaneRows rows; a block
+// stages `rows` rows (from its first halo row on), in one or two TMA boxes of `box_rows` rows.
 struct ColumnSplit {
-  int cluster, band, halo, threads;
+  int cluster, band, halo, warps, rows, box_rows;
   __host__ __device__ explicit ColumnSplit(int H)
       : cluster((H + kBand - 1) / kBand),
         band((H + cluster - 1) / cluster),
         halo(cluster > 1 ? kHalo : 0),
-        threads((band + 2 * halo + 31) / 32 * 32) {}
+        warps((band + 2 * halo + kLaneRows - 1) / kLaneRows),
+        rows(warps * kLaneRows),
+        box_rows(rows <= 256 ? rows : rows / 2) {}
+  __host__ __device__ int threads() const { return 32 * warps; }
 };
 
-// TMA boxes per tensor that cover a block's rows, one thread per row.
-__host__ __device__ constexpr int column_boxes(int threads) { return (threads + kBoxRows - 1) / kBoxRows; }
-
-// Shared memory of columns_scan_kernel: two stages of the staged tensors (TMA boxes of column_bytes per
-// row, 128-byte aligned), the warp edges, the halo inboxes [2][top, bottom][K][kHalo] and four mbarriers.
+// Shared memory of columns_scan_kernel: two stages of the staged tensors (column_bytes per row, 128-byte
+// aligned), the warps' edge rows [2][warps][top, bottom][kLaneHalo][K], the halo inboxes
+// [2][top, bottom][K][kHalo] and four mbarriers.
 template <typename T, int K>
-size_t columns_smem(int threads) {
-  return 128 + size_t(2) * staged_tensors(K) * column_boxes(threads) * kBoxRows * column_bytes<T, K>() +
-         WarpEdges<K>::bytes(threads) + 4 * K * kHalo * sizeof(float) + 4 * sizeof(uint64_t);
+size_t columns_smem(const ColumnSplit& split) {
+  return 128 + size_t(2) * staged_tensors(K) * split.rows * column_bytes<T, K>() +
+         (size_t(4) * split.warps * kLaneHalo + 4 * kHalo) * K * sizeof(float) + 4 * sizeof(uint64_t);
 }
 
 // Arguments as rows_scan_kernel's, and `maps` of the staged inputs (gates, x or grad_y, lam or u, u).
@@ -84,17 +93,15 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   using Vec = Pack<T, VEC>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* stages = smem_raw + (128 - smem_address(smem_raw) % 128) % 128;  // TMA destinations
-  const int rows_staged = column_boxes(blockDim.x) * kBoxRows;
-  const size_t tensor_bytes = size_t(rows_staged) * BYTES;  // one tensor of one stage
+  const ColumnSplit split(s.H);
+  const size_t tensor_bytes = size_t(split.rows) * BYTES;  // one tensor of one stage
   const size_t stage_bytes = NT * tensor_bytes;
-  const WarpEdges<K> ex{reinterpret_cast<float*>(stages + 2 * stage_bytes), int(blockDim.x / 32),
-                        int(threadIdx.x / 32), int(threadIdx.x % 32)};
-  float* inbox = reinterpret_cast<float*>(stages + 2 * stage_bytes + WarpEdges<K>::bytes(blockDim.x));
+  float* lanes = reinterpret_cast<float*>(stages + 2 * stage_bytes);  // the warps' edge rows
+  float* inbox = lanes + 4 * split.warps * kLaneHalo * K;
   uint64_t* landed = reinterpret_cast<uint64_t*>(inbox + 4 * K * kHalo);  // one mbarrier per stage
   uint64_t* halo_landed = landed + 2;                                       // one per inbox
 
   const cg::cluster_group cluster = cg::this_cluster();
-  const ColumnSplit split(s.H);
   const int rank = int(cluster.block_rank());
   const PlaneId id(blockIdx.x / split.cluster, s.C, K, 0, 2);
   const ScanPlanes<T, kAdjoint> io(id, x, gates, lam, u, y, state, s);
@@ -114,31 +121,27 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
     map[staged_x(k) + 2] = &maps.u, map_plane[staged_x(k) + 2] = dense;
   }
   const int first = rank * split.band, last = min(ln.L, first + split.band);  // the band this block owns
-  const int i = first - split.halo + int(threadIdx.x);                         // this thread's row
-  const bool scanned = i >= 0 && i < ln.L && i < last + split.halo;
-  const bool owned = i >= first && i < last;
-  ex.clear();
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const int r = warp * kLaneRows + lane - kLaneHalo;  // this lane's row among the block's staged rows
+  const int i = first - split.halo + r;               // and in the plane
+  const bool scanned = i >= 0 && i < ln.L && r >= 0 && i < last + split.halo;
+  const bool inner = lane >= kLaneHalo && lane < 32 - kLaneHalo;  // the warp owns the row
+  const bool owned = inner && i >= first && i < last;
+  const int staged_row = min(max(r, 0), split.rows - 1);  // a halo lane outside the block reads a neighbour
   if (threadIdx.x == 0) {
     for (int k = 0; k < 4; ++k) mbarrier_init(landed + k, 1);  // the stages', then the inboxes'
     mbarrier_init_fence();
   }
   cluster.sync();  // every block of the cluster runs (its shared memory exists); edges and barriers are set
 
-  // Run by each step once the state is final: rows this block does not scan stay zero.
-  auto keep_scanned = [&](float (&h)[K][1]) {
-#pragma unroll
-    for (int k = 0; k < K; ++k)
-      if (!scanned) h[k][0] = 0.f;
-  };
-  // Run by the last step of each vector instead: every kHalo steps (a multiple of VEC), the halo also
-  // takes the neighbours' fresh edge rows. They arrive as asynchronous remote stores that count their
+  // Run by the last step of each vector: every kHalo steps (a multiple of VEC), the halo takes the
+  // neighbouring blocks' fresh edge rows. They arrive as asynchronous remote stores that count their
   // bytes on this block's mbarrier of the exchange (two, alternating), so no cluster-wide barrier or
   // memory fence is needed; two inboxes suffice, since a block can send exchange e + 2 only after its
   // neighbour has sent e + 1, which it does after reading e.
   int since = 0, exchange = 0;
   const unsigned halo_bytes = unsigned(((rank > 0) + (rank + 1 < split.cluster)) * K * kHalo * sizeof(float));
   auto refresh_halo = [&](float (&h)[K][1]) {
-    keep_scanned(h);
     since += VEC;
     if (split.halo == 0 || since < kHalo) return;
     since = 0;
@@ -163,10 +166,31 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
     }
     ++exchange;
   };
+  // Run every kLaneHalo steps, after refresh_halo where both run: the warps' outer lanes take their rows
+  // from the warps that own them (the two buffers alternate, so one barrier serves).
+  int swaps = 0;
+  auto refresh_lanes = [&](float (&h)[K][1]) {
+    float* box = lanes + (swaps & 1) * 2 * split.warps * kLaneHalo * K;  // [warps][top, bottom][kLaneHalo][K]
+    auto at = [&](int w, int side, int l, int k) -> float& { return box[((w * 2 + side) * kLaneHalo + l) * K + k]; };
+    const int top = lane - kLaneHalo, bottom = lane - (32 - 2 * kLaneHalo);  // inner lanes the others read
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (top >= 0 && top < kLaneHalo) at(warp, 0, top, k) = h[k][0];
+      if (bottom >= 0 && bottom < kLaneHalo) at(warp, 1, bottom, k) = h[k][0];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (lane < kLaneHalo && warp > 0) h[k][0] = at(warp - 1, 1, lane, k);
+      if (lane >= 32 - kLaneHalo && warp + 1 < split.warps) h[k][0] = at(warp + 1, 0, lane - (32 - kLaneHalo), k);
+    }
+    ++swaps;
+  };
   static_assert(kHalo % VEC == 0, "the halo is refreshed at the end of a vector");
+  static_assert(VEC % kLaneHalo == 0, "the lanes are refreshed inside a vector");
   static_assert(VEC % 4 == 0, "the state goes out in whole tiles of 4 columns");
 
-  // Row r of the block (thread r) of tensor k in stage `stage`: BYTES, w ascending.
+  // Staged row r of tensor k in stage `stage`: BYTES, w ascending.
   auto row_of = [&](int stage, int k, int r) {
     return stages + stage * stage_bytes + k * tensor_bytes + r * BYTES;
   };
@@ -186,21 +210,20 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
 #pragma unroll
     for (int k = 0; k < NT; ++k) {
       if (!planes[k]) continue;
-      for (int box = 0; box * kBoxRows < rows_staged; ++box)
-        tma_load(row_of(grp & 1, k, box * kBoxRows), map[k], w0, first - split.halo + box * kBoxRows, map_plane[k],
-                 id.b, bar);
+      for (int row = 0; row < split.rows; row += split.box_rows)
+        tma_load(row_of(grp & 1, k, row), map[k], w0, first - split.halo + row, map_plane[k], id.b, bar);
     }
   };
   // This thread's steps grp * STEPS + j * VEC .. +VEC-1 of tensor k as float32, in memory order (rows
   // outside the plane arrived as zeros, and a null tensor reads as zeros: unscanned rows stay finite).
   auto take = [&](int grp, int k, int j, float (&out)[VEC]) {
     const int vector = ln.reversed ? SPAN - 1 - j : j;  // the box holds w ascending
-    const Vec v = planes[k] ? reinterpret_cast<const Vec*>(row_of(grp & 1, k, threadIdx.x))[vector] : Vec{};
+    const Vec v = planes[k] ? reinterpret_cast<const Vec*>(row_of(grp & 1, k, staged_row))[vector] : Vec{};
 #pragma unroll
     for (int m = 0; m < VEC; ++m) out[m] = to_acc(v.v[m]);
   };
 
-  Stepper<1, K, kAdjoint> stepper(ln, s.chunk);
+  LaneStepper<K, kAdjoint> stepper(ln, s.chunk);
   const int groups = (ln.T + STEPS - 1) / STEPS;
   // Reversed lines walk each vector from its end: the body is compiled once per order so that every
   // register index stays a compile-time constant.
@@ -247,8 +270,10 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
         float h[K][VEC];
 #pragma unroll
         for (int st = 0; st < VEC; ++st) {
-          if (st + 1 < VEC) stepper.step(ex, a[st], wt[st], i, ln.L, keep_scanned);
-          else stepper.step(ex, a[st], wt[st], i, ln.L, refresh_halo);
+          stepper.step(a[st], wt[st], scanned, [&](float (&h)[K][1]) {
+            if (st + 1 == VEC) refresh_halo(h);
+            if ((st + 1) % kLaneHalo == 0) refresh_lanes(h);
+          });
 #pragma unroll
           for (int k = 0; k < K; ++k) h[k][st] = stepper.state[k][0];
         }

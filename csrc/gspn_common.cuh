@@ -205,4 +205,21 @@ struct Taps {
   __device__ __forceinline__ A w(int k) const { return s[k] * inv_sum; }
 };
 
+// The weights w_k alone, for the scans, in fewer multi-function-unit operations: with d_k = 1 +
+// exp(-logit_k), s_k = 1 / d_k, so w_k = prod_{j != k} d_j / sum_m prod_{j != m} d_j: three exponentials
+// and one reciprocal where Taps takes three and four (H100, forward column scans: paper float16 2.24 ->
+// 2.01 ms, SDXL 16K level 1 2.16 -> 2.07 ms). A dropped tap leaves the products (its d counts as 1).
+// Logits below -kLowestLogit count as -kLowestLogit so that the products stay finite; that moves a
+// weight by less than 1e-17 unless all of a position's kept taps are below it.
+constexpr float kLowestLogit = 40.f;
+__device__ __forceinline__ void tap_weights(float g0, float g1, float g2, bool has_left, bool has_right,
+                                            float (&w)[3]) {
+  const float d0 = has_left ? 1.f + __expf(fminf(-g0, kLowestLogit)) : 1.f;
+  const float d1 = 1.f + __expf(fminf(-g1, kLowestLogit));
+  const float d2 = has_right ? 1.f + __expf(fminf(-g2, kLowestLogit)) : 1.f;
+  const float p0 = has_left ? d1 * d2 : 0.f, p1 = d0 * d2, p2 = has_right ? d0 * d1 : 0.f;
+  const float r = 1.f / (p0 + p1 + p2);
+  w[0] = p0 * r, w[1] = p1 * r, w[2] = p2 * r;
+}
+
 }  // namespace gspn

@@ -85,7 +85,7 @@ template <typename T, bool kAdjoint, int K>
 cudaError_t launch_columns(const T* x, const T* gates, const T* lam, const T* u, T* y, float* state, Shape s,
                            cudaStream_t stream) {
   const ColumnSplit split(s.H);
-  const int box_w = column_bytes<T, K>() / int(sizeof(T)), box_h = kBoxRows;
+  const int box_w = column_bytes<T, K>() / int(sizeof(T)), box_h = split.box_rows;
   const long long dense = 4LL * s.C * s.H * s.W;  // a (4, C, H, W) batch item
   ColumnMaps maps = {};
   // gates (B, 4 * 3 * G planes); x (B, C) or grad_y (B, 4 * C); lam or u, and u: (B, 4 * C).
@@ -101,8 +101,8 @@ cudaError_t launch_columns(const T* x, const T* gates, const T* lam, const T* u,
   if (err != cudaSuccess) return err;
   void* args[] = {&maps, &x, &gates, &lam, &u, &y, &state, &s};
   const unsigned blocks = unsigned(s.B) * 2 * s.C / K * split.cluster;
-  return launch_clusters(columns_scan_kernel<T, kAdjoint, K>, blocks, split.cluster, split.threads,
-                         columns_smem<T, K>(split.threads), stream, args);
+  return launch_clusters(columns_scan_kernel<T, kAdjoint, K>, blocks, split.cluster, split.threads(),
+                         columns_smem<T, K>(split), stream, args);
 }
 
 // One scan of every line of every (batch, direction, channel): the forward or the adjoint (arguments as

@@ -50,7 +50,6 @@ __global__ void __launch_bounds__(kRowMaxThreads)
   const int i0 = kRowQ * threadIdx.x;  // first of this thread's positions
   const bool active = i0 < ln.L;       // L = W is a multiple of VEC, so quads are whole
   Stepper<kRowQ, K, kAdjoint> stepper(ln, s.chunk);
-  auto no_halo = [](const float (&)[K][kRowQ]) {};
 
   auto tile_of = [&](int grp) { return buffers + (grp & 1) * buffer; };
   auto tslot = [&](T* tile, int k, int st) { return tile + (size_t(k) * RG + st) * cap; };
@@ -107,7 +106,7 @@ __global__ void __launch_bounds__(kRowMaxThreads)
     for (int st = 0; st < RG; ++st) {
       const int t = t0 + st;
       if (t >= ln.T) break;  // uniform across the block
-      stepper.step(ex, a[st], wt[st], i0, ln.L, no_halo);
+      stepper.step(ex, a[st], wt[st], i0, ln.L);
       if (!active) continue;
 #pragma unroll
       for (int k = 0; k < K; ++k) {

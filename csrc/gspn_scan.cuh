@@ -78,19 +78,19 @@ __global__ void __launch_bounds__(kMaxThreads)
           a += m1[p] + prev[i + 2] + prev[row + i];  // m_0 of i + 1, m_2 of i - 1
           float w0 = 0.f, w1 = 0.f, w2 = 0.f;
           if (!restart) {
-            const Taps<float> taps(gin[p][0][st], gin[p][1][st], gin[p][2][st], i > 0, i < ln.L - 1);
-            w0 = taps.w(0);
-            w1 = taps.w(1);
-            w2 = taps.w(2);
+            float w[3];
+            tap_weights(gin[p][0][st], gin[p][1][st], gin[p][2][st], i > 0, i < ln.L - 1, w);
+            w0 = w[0], w1 = w[1], w2 = w[2];
           }
           next[i + 1] = w0 * a;
           next[row + i + 1] = w2 * a;
           m1[p] = w1 * a;
         } else {
           if (!restart) {
-            const Taps<float> taps(gin[p][0][st], gin[p][1][st], gin[p][2][st], i > 0, i < ln.L - 1);
+            float w[3];
+            tap_weights(gin[p][0][st], gin[p][1][st], gin[p][2][st], i > 0, i < ln.L - 1, w);
             const float* pr = prev + i;  // pr[0], pr[1], pr[2] = h_{t-1}[i-1], [i], [i+1]
-            a += taps.w(0) * pr[0] + taps.w(1) * pr[1] + taps.w(2) * pr[2];
+            a += w[0] * pr[0] + w[1] * pr[1] + w[2] * pr[2];
           }
           next[i + 1] = a;
         }

@@ -1,6 +1,8 @@
-// One scan step of the line-parallel kernels (gspn_rows.cuh, gspn_columns.cuh): a thread owns Q
-// consecutive positions of a line and keeps their state in registers; neighbours inside a warp come by
-// shuffle, and only the two edge values of each warp go through shared memory (one barrier per step).
+// One scan step of the line-parallel kernels, a thread's positions' state kept in registers and the
+// neighbours inside a warp by shuffle. Stepper (row scans, gspn_rows.cuh): a thread owns Q consecutive
+// positions of a line, and the two edge values of each warp go through shared memory (one barrier per
+// step). LaneStepper (column scans, gspn_columns.cuh): one position per lane, no barrier; the kernel
+// refreshes the warps' outer lanes.
 //
 // Forward:  h_t[i] = lam x + m_t sum_k w_k[t, i] h_{t-1}[i+k-1].
 // Adjoint:  the same lines scanned in reverse, gh_t[i] = u gy + sum of what line t+1 sends: position i'
@@ -45,9 +47,10 @@ struct Weights {
   __device__ __forceinline__ Weights(const float (&g0)[Q], const float (&g1)[Q], const float (&g2)[Q], int i0, int L) {
 #pragma unroll
     for (int q = 0; q < Q; ++q) {
-      const Taps<float> taps(g0[q], g1[q], g2[q], i0 + q > 0, i0 + q < L - 1);
+      float v[3];
+      tap_weights(g0[q], g1[q], g2[q], i0 + q > 0, i0 + q < L - 1, v);
 #pragma unroll
-      for (int k = 0; k < 3; ++k) w[k][q] = taps.w(k);
+      for (int k = 0; k < 3; ++k) w[k][q] = v[k];
     }
   }
 };
@@ -142,8 +145,6 @@ struct WarpEdges {
 // The step of a thread's Q positions i0 .. i0+Q-1 (positions outside [0, L) hold zero) in K channels
 // that share their gates, forward or adjoint. `a` holds the step's input and `wt` the line's tap weights
 // (one set for the K channels); `state` becomes the new line's state (h, or gh in the adjoint).
-// `between(state)` runs after the state is final and before the warp edges go out (the column kernel
-// refreshes its halo there).
 template <int Q, int K, bool kAdjoint>
 struct Stepper {
   float state[K][Q] = {};
@@ -152,9 +153,8 @@ struct Stepper {
   ChunkPhase phase;
   __device__ __forceinline__ Stepper(const Lines& ln, int chunk) : phase(kAdjoint ? ln.T - 1 : 0, chunk) {}
 
-  template <typename Between>
   __device__ __forceinline__ void step(const WarpEdges<K>& ex, float (&a)[K][Q], const Weights<Q>& wt, int i0,
-                                       int L, Between&& between) {
+                                       int L) {
     const bool restart = phase.starts();  // forward: nothing arrives; adjoint: nothing leaves
     float first[K], last[K], left[K], right[K];
     if constexpr (kAdjoint) {
@@ -168,7 +168,6 @@ struct Stepper {
 #pragma unroll
         for (int q = 0; q < Q; ++q) state[k][q] = (i0 + q >= 0 && i0 + q < L) ? a[k][q] : 0.f;
       }
-      between(state);
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         scatter(m0[k], m1[k], m2[k], state[k], wt, restart);
@@ -186,12 +185,51 @@ struct Stepper {
 #pragma unroll
         for (int q = 0; q < Q; ++q) state[k][q] = (i0 + q >= 0 && i0 + q < L) ? a[k][q] : 0.f;
       }
-      between(state);
 #pragma unroll
       for (int k = 0; k < K; ++k) first[k] = state[k][0], last[k] = state[k][Q - 1];
       ex.publish(first, last, parity);
     }
     parity ^= 1;
+  }
+};
+
+// The step of one position per lane (i, Q = 1) in K channels with no barrier: the neighbours are the
+// lanes beside it, so a warp's first and last lanes read garbage and go stale one lane per step from the
+// outside in (the column scans overlap their warps and refresh those lanes, gspn_columns.cuh). `inside`:
+// the lane's position is one the block scans (else its state stays zero). Otherwise as Stepper.
+template <int K, bool kAdjoint>
+struct LaneStepper {
+  float state[K][1] = {};
+  float m0[K][1] = {}, m1[K][1] = {}, m2[K][1] = {};  // adjoint: this line's sends
+  ChunkPhase phase;
+  __device__ __forceinline__ LaneStepper(const Lines& ln, int chunk) : phase(kAdjoint ? ln.T - 1 : 0, chunk) {}
+
+  template <typename Between>
+  __device__ __forceinline__ void step(float (&a)[K][1], const Weights<1>& wt, bool inside, Between&& between) {
+    const bool restart = phase.starts();
+    if constexpr (kAdjoint) {
+      phase.backward();
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const float left = __shfl_up_sync(0xffffffffu, m2[k][0], 1);  // what the lane before sends on
+        const float right = __shfl_down_sync(0xffffffffu, m0[k][0], 1);
+        gather(a[k], m0[k], m1[k], m2[k], left, right);
+        state[k][0] = inside ? a[k][0] : 0.f;
+      }
+      between(state);
+#pragma unroll
+      for (int k = 0; k < K; ++k) scatter(m0[k], m1[k], m2[k], state[k], wt, restart);
+    } else {
+      phase.forward();
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const float left = __shfl_up_sync(0xffffffffu, state[k][0], 1);
+        const float right = __shfl_down_sync(0xffffffffu, state[k][0], 1);
+        propagate(a[k], state[k], left, right, wt, restart);
+        state[k][0] = inside ? a[k][0] : 0.f;
+      }
+      between(state);
+    }
   }
 };
 

@@ -214,6 +214,21 @@ def test_2048_long_float16_scan_stays_finite():
     assert rel_err(y, y64) < 2e-3
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 1, 24, 32), (1, 2, 1, 13, 13)])
+def test_gate_logits_outside_the_sigmoid_range(shape):
+    # The scans raise logits below -40 to -40 (tap_weights in csrc/gspn_common.cuh): beside a tap of an
+    # ordinary logit that changes no weight measurably. Taps of -100 and +100 among ordinary ones, on the
+    # line-parallel (W = 32) and the generic (W = 13) scans.
+    x, gates, lam, u = make_inputs(shape, torch.float32, seed=SEED)
+    gates[:, :, 0, ..., ::3] = -100.0
+    gates[:, :, 2, ..., 1::3] = -100.0
+    gates[:, :, 1, ..., ::4] = 100.0
+    y = gspn_propagate(x, gates, lam, u, backend="cuda")
+    y64 = gspn_propagate(*as64(x, gates, lam, u), backend="reference")
+    assert torch.isfinite(y).all()
+    assert rel_err(y, y64) < 1e-5, f"seed {SEED}"
+
+
 def test_opcheck_registered_op():
     import gspn_diffusers.ops.cuda  # noqa: F401  (registers the ops, also when this test runs alone)
 
