@@ -13,7 +13,7 @@
 // on the receiver's mbarrier rather than a cluster barrier. Inputs arrive through the TMA
 // (gspn_tma.cuh).
 //
-// Inside a block the warps need no barrier per step either: warp w's lanes hold rows w * kLaneRows - 
+// Inside a block the warps need no barrier per step either: warp w's lanes hold rows w * kLaneRows -
 // kLaneHalo + lane (one row per lane, Q = 1, in each of the K channels of one gate group the block scans),
 // so neighbouring warps overlap by kLaneHalo lanes on either side. A lane's neighbours come by shuffle;
 // the outermost lanes of a warp go stale one lane per step from the outside in, and every kLaneHalo steps
