@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
     for (int k = 0; k < 4; ++k) mbarrier_init(landed + k, 1);  // the stages', then the inboxes'
     mbarrier_init_fence();
   }
-  cluster.sync();  // every block of the cluster runs (its shared memory exists); edges and barriers are set
+  cluster.sync();  // every block of the cluster runs (its shared memory exists) and its barriers are set
 
   // Run by the last step of each vector: every kHalo steps (a multiple of VEC), the halo takes the
   // neighbouring blocks' fresh edge rows. They arrive as asynchronous remote stores that count their
