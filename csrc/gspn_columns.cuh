@@ -270,9 +270,9 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
         float h[K][VEC];
 #pragma unroll
         for (int st = 0; st < VEC; ++st) {
-          stepper.step(a[st], wt[st], scanned, [&](float (&h)[K][1]) {
-            if (st + 1 == VEC) refresh_halo(h);
-            if ((st + 1) % kLaneHalo == 0) refresh_lanes(h);
+          stepper.step(a[st], wt[st], scanned, [&](float (&line)[K][1]) {
+            if (st + 1 == VEC) refresh_halo(line);
+            if ((st + 1) % kLaneHalo == 0) refresh_lanes(line);
           });
 #pragma unroll
           for (int k = 0; k < K; ++k) h[k][st] = stepper.state[k][0];
