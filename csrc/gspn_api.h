@@ -30,15 +30,18 @@ cudaError_t launch_forward(const T* x, const T* gates, const T* lam, const T* u,
 #define GSPN_HOST_DEVICE
 #endif
 
-// The backward's gradient pass: a block takes a tile of kGradRows x 128 positions and a slice of one gate
-// group's channels, and sums their gate gradients itself. A group is split into slices only where the
-// tiles alone would give fewer than kGradBlocks blocks; its slices then add their partial sums
+// The backward's gradient pass: a block takes a tile of kGradRows rows x 32 P columns (P = 4 on aligned
+// grids, else 1; gspn_gradients.cuh) and a slice of one gate group's channels, and sums their gate
+// gradients itself. A group is split into slices only where the grid holds fewer than kGradBlocks tiles
+// of kGradRows x 128 positions, whatever P the launch takes (so a P = 1 grid, of 4x as many narrower
+// blocks, gets the slices of an aligned grid of its size); its slices then add their partial sums
 // atomically, in float32. (H100, SDXL: 16K level 1 takes one slice of 80 channels, 5.17 ms against 5.50
 // with slices of 16; 4K level 2 needs its slices, 0.22 ms against 0.43 with whole groups.)
 constexpr int kGradRows = 8;
 constexpr long long kGradBlocks = 512;
 
-// Channels of a slice (the last slice of a group may have fewer).
+// Channels of a slice (the last slice of a group may have fewer). Host and device must agree on it
+// without knowing P: the binding picks ggates' dtype from it.
 GSPN_HOST_DEVICE inline int gradient_slice_channels(const Shape& s) {
   const long long tiles = (long long)s.B * s.G * ((s.H + kGradRows - 1) / kGradRows) * ((s.W + 127) / 128);
   const int per_group = s.C / s.G;

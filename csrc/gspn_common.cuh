@@ -117,9 +117,6 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, flo
   return __float2bfloat16_rn(v);
 }
 
-// float32 accumulation for every input dtype the kernels take (float32, float16, bfloat16).
-template <typename T> struct Acc { using type = float; };
-
 // VEC consecutive elements moved as one aligned access.
 template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
 
