@@ -16,13 +16,20 @@ struct Shape {
   long long gates_batch_stride, lam_batch_stride, u_batch_stride;  // in elements
 };
 
+// The streams the kernels run on: all on `main` but the column scans, which run on `side` concurrently
+// with the row scans (both only read the inputs, and they write disjoint planes), so that each fills the
+// multiprocessors the other's last blocks leave idle. side == main runs them one after the other.
+struct Streams {
+  cudaStream_t main, side;
+};
+
 // y = u * h (y = h when u is null); h_out (may be null) receives the state h in float32, for the
 // backward: each (b, d, c) plane of a row direction in its own H x W layout, of a column direction in
 // tiles of 4 columns, each H x 4 row-major (Lines::state_offset).
 // `aligned`: every pointer is 16-byte aligned (the line-parallel kernels need it).
 template <typename T>
 cudaError_t launch_forward(const T* x, const T* gates, const T* lam, const T* u, T* y, float* h_out, Shape s,
-                           bool aligned, cudaStream_t stream);
+                           bool aligned, Streams streams);
 
 #if defined(__CUDACC__)
 #define GSPN_HOST_DEVICE __host__ __device__

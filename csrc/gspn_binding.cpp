@@ -64,6 +64,11 @@ void dispatch(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
+// The current stream, and one from torch's pool for the column scans (gspn::Streams).
+gspn::Streams streams_for(const Tensor& x) {
+  return {at::cuda::getCurrentCUDAStream(), at::cuda::getStreamFromPool(false, x.device().index())};
+}
+
 void check_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "gspn_propagate: kernel launch failed: ", cudaGetErrorString(err));
 }
@@ -76,12 +81,12 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& gates, const Tensor& 
   Tensor y = at::empty({s.B, 4, s.C, s.H, s.W}, x.options());
   const auto f32 = x.options().dtype(at::kFloat);
   Tensor h = save_state ? at::empty(y.sizes(), f32) : at::empty({0}, f32);
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const gspn::Streams streams = streams_for(x);
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const bool aligned = aligned16({&x, &gates, &lam, u ? &*u : &x, &y, &h});
     check_launch(gspn::launch_forward<T>(ptr<T>(x), ptr<T>(gates), ptr<T>(lam), u ? ptr<T>(*u) : nullptr,
-                                         mut_ptr<T>(y), h.numel() ? mut_ptr<float>(h) : nullptr, s, aligned, stream));
+                                         mut_ptr<T>(y), h.numel() ? mut_ptr<float>(h) : nullptr, s, aligned, streams));
   });
   return {y, h};
 }

@@ -221,6 +221,29 @@ def test_gate_logits_outside_the_sigmoid_range(shape):
     check_forward((x, gates, lam, u), None, f"seed {SEED}")
 
 
+def test_forward_is_complete_for_the_callers_stream():
+    # The forward runs its column scans on a second stream (csrc/gspn_launch.cuh) and joins it back: work
+    # queued after the call on the caller's stream, a non-default one or inside a CUDA graph, sees all of y.
+    inputs = make_inputs((1, 8, 2, 520, 256), torch.float16, seed=SEED)  # line-parallel, clusters of 3
+    want = gspn_propagate(*inputs, backend="cuda")
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        poison_allocator(4 * want.numel() * 4)
+        got = gspn_propagate(*inputs, backend="cuda").clone()
+        for _ in range(2):  # warm-up on a side stream before capture, as torch.cuda.graph asks
+            gspn_propagate(*inputs, backend="cuda")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = gspn_propagate(*inputs, backend="cuda").clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+    assert torch.equal(replayed, want)
+
+
 def test_opcheck_registered_op():
     import gspn_diffusers.ops.cuda  # noqa: F401  (registers the ops, also when this test runs alone)
 
