@@ -120,7 +120,7 @@ inline cudaError_t stream_wait(cudaStream_t later, cudaStream_t earlier) {
 // rows_scan_kernel's). On sm_90 and later, 16-byte-aligned grids with lines of up to 1024 positions take
 // two launches, the row scans (4 positions per thread) and the column scans (clusters of blocks with one
 // row per thread), the column scans on streams.side (gspn_api.h: Streams); the generic kernel takes the rest.
-// (H100, forward with the column scans on a second stream: SDXL 8K level 1 1.04 -> 0.93 ms, 16K level 1
+// (H100, forward with the column scans on a second stream: SDXL 8K level 1 1.04 -> 0.92 ms, 16K level 1
 // 3.31 -> 3.02 ms. The row scans of those shapes are 160 blocks on 132 multiprocessors: 28 take two, and
 // without a second stream the others wait idle for them.)
 template <typename T, bool kAdjoint>
