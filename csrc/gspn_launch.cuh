@@ -137,7 +137,7 @@ cudaError_t launch_scan(const T* x, const T* gates, const T* lam, const T* u, T*
     const int K = channels_per_block(s.C, s.G);
     const unsigned blocks = unsigned(s.B) * 2 * s.C / K;  // (batch, direction of the pair, K channels)
     const int row_threads = ((s.W + kRowQ - 1) / kRowQ + 31) / 32 * 32;
-    const size_t row_smem = rows_smem(row_threads, sizeof(T), K);
+    const size_t row_smem = rows_smem(row_threads, sizeof(T), K, kAdjoint);
     const bool forked = streams.side != streams.main;
     cudaError_t err = forked ? stream_wait(streams.side, stream) : cudaSuccess;
     if (err == cudaSuccess)
