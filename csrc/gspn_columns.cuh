@@ -194,9 +194,14 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   auto row_of = [&](int stage, int k, int r) {
     return stages + stage * stage_bytes + k * tensor_bytes + r * BYTES;
   };
+  auto vectors_in = [&](int grp) { return min(SPAN, (ln.T - grp * STEPS) / VEC); };  // W % VEC == 0
   // Memory offset of the lowest w of steps t0 .. t0+VEC-1 on row i.
   auto first_of = [&](int t0, int i) { return ln.reversed ? ln.offset(t0 + VEC - 1, i) : ln.offset(t0, i); };
-  auto vectors_in = [&](int grp) { return min(SPAN, (ln.T - grp * STEPS) / VEC); };  // W % VEC == 0
+  // Whether group grp's y goes out as TMA boxes: only boxes inside the plane (the block's whole band, all
+  // the group's columns); the owners store the others themselves. (A store box reaching past the plane's
+  // ends in w stopped the kernel with an illegal instruction on the H100; loads are clipped.)
+  const bool whole_band = last - first == split.band;
+  auto boxed = [&](int grp) { return whole_band && vectors_in(grp) == SPAN; };
   // Thread 0 asks the TMA for a group: per tensor, the boxes of columns w0 .. w0+STEPS-1 of the block's
   // rows (zeros outside the plane, also past its ends in w).
   unsigned group_bytes = 0;
@@ -223,6 +228,20 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
     for (int m = 0; m < VEC; ++m) out[m] = to_acc(v.v[m]);
   };
 
+  // Forward: thread 0 sends group grp's y, which the band's owners wrote over their x in the stage, as one
+  // TMA box per channel (its band's rows x the group's columns; what lies outside the plane is clipped),
+  // and waits until the TMA has read it. (Each owner storing its own 16 bytes per row and vector, the
+  // warps waited on those uncoalesced stores for their registers: 10% of the stall samples, ncu, SDXL
+  // 16K level 1.)
+  auto store_y = [&](int grp) {
+    if (threadIdx.x != 0 || !boxed(grp)) return;
+    const int t0 = grp * STEPS, w0 = ln.reversed ? ln.T - t0 - STEPS : t0;
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      tma_store(&maps.y, row_of(grp & 1, staged_x(k), split.halo), w0, first, id.d * s.C + id.c + k, id.b);
+    tma_store_commit();
+    tma_store_wait_read();
+  };
   LaneStepper<K, kAdjoint> stepper(ln, s.chunk);
   const int groups = (ln.T + STEPS - 1) / STEPS;
   // Reversed lines walk each vector from its end: the body is compiled once per order so that every
@@ -232,12 +251,13 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
     auto mem = [](int st) { return kReversed ? VEC - 1 - st : st; };  // step st's place inside a vector
     stage(0);
     for (int grp = 0; grp < groups; ++grp) {
-      __syncthreads();  // every thread is done with the other stage (the last group's u)
+      if constexpr (!kAdjoint) fence_shared_for_tma();  // this thread's y of the last group
+      __syncthreads();  // every thread is done with the other stage (the last group's u; y written)
+      if constexpr (!kAdjoint)
+        if (grp > 0) store_y(grp - 1);  // before the stage is filled again
       if (grp + 1 < groups) stage(grp + 1);
       mbarrier_wait(landed + (grp & 1), (grp >> 1) & 1);
       const int n = vectors_in(grp);
-      Vec out[K][SPAN];  // forward: y of the group, written at its end
-      (void)out;
 #pragma unroll
       for (int j = 0; j < SPAN; ++j) {
         if (j >= n) continue;
@@ -287,26 +307,28 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
               store_pack<float, 4>(io.state + k * io.plane + (w0 + m) * ln.L + 4 * i, v);  // = state_offset
             }
         }
-        if constexpr (!kAdjoint) {
+        if constexpr (!kAdjoint) {  // y = u h, in place of the vector's x (store_y sends it)
 #pragma unroll
           for (int k = 0; k < K; ++k) {
             float uv[VEC];
             take(grp, staged_x(k) + 2, j, uv);
+            Vec out;
 #pragma unroll
             for (int st = 0; st < VEC; ++st)
-              out[k][j].v[mem(st)] = from_acc<T>(planes[staged_x(k) + 2] ? uv[mem(st)] * h[k][st] : h[k][st]);
+              out.v[mem(st)] = from_acc<T>(planes[staged_x(k) + 2] ? uv[mem(st)] * h[k][st] : h[k][st]);
+            if (owned && boxed(grp))
+              reinterpret_cast<Vec*>(row_of(grp & 1, staged_x(k), staged_row))[ln.reversed ? SPAN - 1 - j : j] = out;
+            else if (owned)
+              *reinterpret_cast<Vec*>(io.y + k * io.plane + first_of(grp * STEPS + j * VEC, i)) = out;
           }
         }
       }
-      if constexpr (!kAdjoint) {
-        if (owned) {
-#pragma unroll
-          for (int k = 0; k < K; ++k)
-#pragma unroll
-            for (int j = 0; j < SPAN; ++j)
-              if (j < n) *reinterpret_cast<Vec*>(io.y + k * io.plane + first_of(grp * STEPS + j * VEC, i)) = out[k][j];
-        }
-      }
+    }
+    if constexpr (!kAdjoint) {  // the last group's y
+      fence_shared_for_tma();
+      __syncthreads();
+      store_y(groups - 1);
+      if (threadIdx.x == 0) tma_store_wait();
     }
   };
   if (ln.reversed) scan(Flag<true>{});

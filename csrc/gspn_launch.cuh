@@ -98,6 +98,8 @@ cudaError_t launch_columns(const T* x, const T* gates, const T* lam, const T* u,
   if (err == cudaSuccess) err = column_map<T>(&maps.a1, a1, s.B, 4LL * s.C, a1_stride, s.H, s.W, box_w, box_h);
   if (err == cudaSuccess && !kAdjoint)
     err = column_map<T>(&maps.u, u, s.B, 4LL * s.C, s.u_batch_stride, s.H, s.W, box_w, box_h);
+  if (err == cudaSuccess && !kAdjoint)  // y goes out in boxes of a band
+    err = column_map<T>(&maps.y, y, s.B, 4LL * s.C, dense, s.H, s.W, box_w, split.band);
   if (err != cudaSuccess) return err;
   void* args[] = {&maps, &x, &gates, &lam, &u, &y, &state, &s};
   const unsigned blocks = unsigned(s.B) * 2 * s.C / K * split.cluster;

@@ -14,8 +14,10 @@
 namespace gspn {
 
 // The staged inputs of a column scan (a map is unused where its tensor is null).
+// The staged inputs of a column scan, and y (forward) for the TMA stores (a map is unused where its tensor
+// is null).
 struct ColumnMaps {
-  CUtensorMap gates, a0, a1, u;
+  CUtensorMap gates, a0, a1, u, y;
 };
 
 template <typename T> constexpr CUtensorMapDataType tma_type();
@@ -103,6 +105,21 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int 
       "l"(reinterpret_cast<uint64_t>(map)), "r"(w0), "r"(h0), "r"(plane), "r"(batch), "r"(smem_address(bar))
       : "memory");
 }
+// Box of `map` at (w0.., h0.., plane, batch) from shared memory at src (128-byte aligned), as a bulk
+// group of this thread; boxes reaching outside the tensor are clipped.
+__device__ __forceinline__ void tma_store(const CUtensorMap* map, const void* src, int w0, int h0, int plane,
+                                          int batch) {
+  asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(smem_address(src)), "r"(w0), "r"(h0), "r"(plane), "r"(batch)
+               : "memory");
+}
+__device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Until this thread's bulk groups have read their shared memory (`read`), or are done.
+__device__ __forceinline__ void tma_store_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+__device__ __forceinline__ void tma_store_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+// Makes this thread's shared-memory writes visible to the TMA (the async proxy).
+__device__ __forceinline__ void fence_shared_for_tma() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 #endif
 
 }  // namespace gspn
