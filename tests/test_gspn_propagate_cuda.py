@@ -18,7 +18,9 @@ SEED = int(time.time() * 1000) % 2**31
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (B, C, G, H, W): odd sizes, H != W, lines of length 1, every kind of gate grouping. Widths that are
 # multiples of 8 take the line-parallel scans (forward and adjoint), the others the generic ones; columns
-# of more than 256 rows (520) are split over a cluster of blocks that exchange halos. Groups of an even
+# of more than 256 rows (520) are split over a cluster of blocks that exchange halos. The column scans
+# send y through TMA store boxes where a box lies inside the plane, else (widths 12, 40, 260: a last group
+# of fewer steps; the last band of 520 rows) each lane stores its own. Groups of an even
 # number of channels are scanned two channels per block. The gradient pass takes tiles of 8 rows x 32
 # columns (x 128 where W % 4 == 0): 45 and 260 are split over several, the last partial; grids this
 # small split every gate group into slices of one channel, whose blocks add their gate gradients
