@@ -13,7 +13,6 @@
 
 namespace gspn {
 
-// The staged inputs of a column scan (a map is unused where its tensor is null).
 // The staged inputs of a column scan, and y (forward) for the TMA stores (a map is unused where its tensor
 // is null).
 struct ColumnMaps {
@@ -106,7 +105,8 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int 
       : "memory");
 }
 // Box of `map` at (w0.., h0.., plane, batch) from shared memory at src (128-byte aligned), as a bulk
-// group of this thread; boxes reaching outside the tensor are clipped.
+// group of this thread. Only boxes inside the plane: one reaching past its ends in w stopped the kernel
+// with an illegal instruction (H100), where loads are clipped.
 __device__ __forceinline__ void tma_store(const CUtensorMap* map, const void* src, int w0, int h0, int plane,
                                           int batch) {
   asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
