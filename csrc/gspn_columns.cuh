@@ -230,9 +230,8 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
 
   // Forward: thread 0 sends group grp's y, which the band's owners wrote over their x in the stage, as one
   // TMA box per channel (the band's rows x the group's columns, when boxed), and waits until the TMA has
-  // read it. (Each owner storing its own 16 bytes per row and vector, the
-  // warps waited on those uncoalesced stores for their registers: 10% of the stall samples, ncu, SDXL
-  // 16K level 1.)
+  // read it. (Each owner storing its own 16 bytes per row and vector, the warps waited on those
+  // uncoalesced stores for their registers: 10% of the stall samples, ncu, SDXL 16K level 1.)
   auto store_y = [&](int grp) {
     if (threadIdx.x != 0 || !boxed(grp)) return;
     const int t0 = grp * STEPS, w0 = ln.reversed ? ln.T - t0 - STEPS : t0;
