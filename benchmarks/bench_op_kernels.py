@@ -26,13 +26,16 @@ COLUMNS = {  # kernel name prefix -> column
     "void gspn::columns_scan_kernel<": "scan",
     "void gspn::scan_kernel<": "scan",
     "void gspn::gradients_kernel<": "gradient pass",
+    "void gspn::taps_kernel<": "taps pass",
 }
-# A scan's only bool template argument is kAdjoint: the adjoint is the instance with it true.
-ADJOINT = re.compile(r"scan_kernel<[^>]*(?:\btrue\b|\(bool\)1)")
+# The adjoint is the scan instantiated with kAdjoint = true: the second template argument of the
+# line-parallel scans, the third of the generic one.
+ADJOINT = re.compile(r"(?:rows|columns)_scan_kernel<[^,]+, (?:true|\(bool\)1)|\bscan_kernel<[^,]+, [^,]+, (?:true|\(bool\)1)")
 
 
 def kernel_times(step) -> dict[str, float]:
-    """Milliseconds per step by column: forward scan, adjoint scan, gradient pass, other."""
+    """Milliseconds per step by column: forward scan, adjoint scan, gradient pass, taps pass (forward and
+    backward), other."""
     for _ in range(2):
         step()
     torch.cuda.synchronize()
@@ -40,7 +43,7 @@ def kernel_times(step) -> dict[str, float]:
         for _ in range(STEPS):
             step()
         torch.cuda.synchronize()
-    times = {"forward scan": 0.0, "adjoint scan": 0.0, "gradient pass": 0.0, "other": 0.0}
+    times = {"forward scan": 0.0, "adjoint scan": 0.0, "gradient pass": 0.0, "taps pass": 0.0, "other": 0.0}
     for kernel in prof.key_averages():
         if kernel.device_type.name != "CUDA":  # CPU-side ops: their kernels are listed on their own
             continue

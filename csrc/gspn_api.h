@@ -23,13 +23,21 @@ struct Streams {
   cudaStream_t main, side;
 };
 
+// Gate groups of at least kTapsMinChannels channels have their normalised tap weights computed once per
+// (batch, direction, group, position) by a pass of their own, into `taps` (B, 4, 2, G, H, W) float32 (w_0
+// and w_2; w_1 = 1 - w_0 - w_2), which the line-parallel scans then read instead of the three logits:
+// otherwise every block scanning channels of the group computes them again (gspn_taps.cuh).
+constexpr int kTapsMinChannels = 4;
+inline bool staged_taps(const Shape& s) { return s.C / s.G >= kTapsMinChannels; }
+
 // y = u * h (y = h when u is null); h_out (may be null) receives the state h in float32, for the
 // backward: each (b, d, c) plane of a row direction in its own H x W layout, of a column direction in
 // tiles of 4 columns, each H x 4 row-major (Lines::state_offset).
-// `aligned`: every pointer is 16-byte aligned (the line-parallel kernels need it).
+// `aligned`: every pointer is 16-byte aligned (the line-parallel kernels need it). `taps`: scratch of
+// (B, 4, 2, G, H, W) float32 where staged_taps(s), else null.
 template <typename T>
-cudaError_t launch_forward(const T* x, const T* gates, const T* lam, const T* u, T* y, float* h_out, Shape s,
-                           bool aligned, Streams streams);
+cudaError_t launch_forward(const T* x, const T* gates, const T* lam, const T* u, T* y, float* h_out, float* taps,
+                           Shape s, bool aligned, Streams streams);
 
 #if defined(__CUDACC__)
 #define GSPN_HOST_DEVICE __host__ __device__
@@ -63,10 +71,11 @@ inline bool gate_gradients_in_float32(const Shape& s) { return gradient_slices(s
 
 // The backward: gh (float32, (B, 4, C, H, W)) is scratch for the adjoint state (laid out as h); gx takes
 // x's shape and dtype; ggates (B, 4, 3, G, H, W) is float32 when gate_gradients_in_float32(s), else of
-// type T; glam and gu (null when u is) lam's shape. h is the forward's float32 state.
+// type T; glam and gu (null when u is) lam's shape. h is the forward's float32 state; taps as the
+// forward's.
 template <typename T>
 cudaError_t launch_backward(const T* gy, const T* x, const T* gates, const T* lam, const T* u, const float* h,
-                            float* gh, T* gx, void* ggates, T* glam, T* gu, Shape s, bool aligned,
+                            float* gh, T* gx, void* ggates, T* glam, T* gu, float* taps, Shape s, bool aligned,
                             cudaStream_t stream);
 
 }  // namespace gspn

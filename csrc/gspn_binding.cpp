@@ -69,6 +69,13 @@ gspn::Streams streams_for(const Tensor& x) {
   return {at::cuda::getCurrentCUDAStream(), at::cuda::getStreamFromPool(false, x.device().index())};
 }
 
+// Scratch for the staged tap weights (gspn_api.h: staged_taps), or an empty tensor.
+Tensor taps_scratch(const gspn::Shape& s, const Tensor& x) {
+  const auto f32 = x.options().dtype(at::kFloat);
+  return gspn::staged_taps(s) ? at::empty({s.B, 4, 2, s.G, s.H, s.W}, f32) : at::empty({0}, f32);
+}
+float* data_or_null(Tensor& t) { return t.numel() ? mut_ptr<float>(t) : nullptr; }
+
 void check_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "gspn_propagate: kernel launch failed: ", cudaGetErrorString(err));
 }
@@ -81,12 +88,13 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& gates, const Tensor& 
   Tensor y = at::empty({s.B, 4, s.C, s.H, s.W}, x.options());
   const auto f32 = x.options().dtype(at::kFloat);
   Tensor h = save_state ? at::empty(y.sizes(), f32) : at::empty({0}, f32);
+  Tensor taps = taps_scratch(s, x);
   const gspn::Streams streams = streams_for(x);
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const bool aligned = aligned16({&x, &gates, &lam, u ? &*u : &x, &y, &h});
     check_launch(gspn::launch_forward<T>(ptr<T>(x), ptr<T>(gates), ptr<T>(lam), u ? ptr<T>(*u) : nullptr,
-                                         mut_ptr<T>(y), h.numel() ? mut_ptr<float>(h) : nullptr, s, aligned, streams));
+                                         mut_ptr<T>(y), data_or_null(h), data_or_null(taps), s, aligned, streams));
   });
   return {y, h};
 }
@@ -105,6 +113,7 @@ std::vector<Tensor> backward(const Tensor& gy, const Tensor& x, const Tensor& ga
   Tensor ggates = at::empty({s.B, 4, 3, s.G, s.H, s.W}, summed ? f32 : gates.options().dtype(x.scalar_type()));
   Tensor glam = at::empty({s.B, 4, s.C, s.H, s.W}, lam.options());
   Tensor gu = u ? at::empty({s.B, 4, s.C, s.H, s.W}, u->options()) : at::empty({0}, x.options());
+  Tensor taps = taps_scratch(s, x);
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -112,7 +121,7 @@ std::vector<Tensor> backward(const Tensor& gy, const Tensor& x, const Tensor& ga
     check_launch(gspn::launch_backward<T>(ptr<T>(gy), ptr<T>(x), ptr<T>(gates), ptr<T>(lam),
                                           u ? ptr<T>(*u) : nullptr, ptr<float>(state), mut_ptr<float>(gh),
                                           mut_ptr<T>(gx), ggates.data_ptr(), mut_ptr<T>(glam),
-                                          u ? mut_ptr<T>(gu) : nullptr, s, aligned, stream));
+                                          u ? mut_ptr<T>(gu) : nullptr, data_or_null(taps), s, aligned, stream));
   });
   return {gx, ggates.to(gates.scalar_type()), glam, gu};
 }

@@ -37,15 +37,27 @@ constexpr int kLaneRows = 32 - 2 * kLaneHalo;   // rows a warp owns
 constexpr int kColumnRows = kBand + 2 * kHalo;  // rows a block scans, at most
 constexpr int kColumnMaxThreads = (kColumnRows + kLaneRows - 1) / kLaneRows * 32;
 
-// Bytes per row and tensor that a group of steps moves: 64 where both stages fit in shared memory, else
-// 16 steps (a halo's worth), else 32 bytes. So groups with one channel per block are 64 bytes (32 steps
-// of float16/bfloat16, 16 of float32), with two 16 steps of 32 bytes (float16/bfloat16) or 8 steps of
-// 32 bytes (float32). (Float16, one channel per block: 32-byte groups left room for two blocks per
-// multiprocessor, and the paper shape's column scans took 3.26 ms against 2.24 ms with 64.)
-template <typename T, int K>
+// Bytes per row and channel tensor that a group of steps moves: 64 where both stages fit in shared memory,
+// else 16 steps (a halo's worth), else 32 bytes; float32 tap weights take sizeof(float) / sizeof(T) times
+// as many per step. With logits, one channel per block moves 64 bytes (32 steps of float16/bfloat16, 16
+// of float32), two channels 16 steps of 32 bytes (float16/bfloat16) or 8 (float32); with staged tap
+// weights, float16/bfloat16 take 16 steps of 32 bytes, float32 16 steps with one channel, 8 with two.
+// (Float16, one channel per block: 32-byte groups left room for two blocks per multiprocessor, and the
+// paper shape's column scans took 3.26 ms against 2.24 ms with 64.)
+template <typename T, int K, bool kTaps>
 __host__ __device__ constexpr int column_bytes() {
-  constexpr size_t kFit = 224 * 1024, kRows = size_t(2) * staged_tensors(K) * kColumnRows;
+  constexpr size_t units = channel_tensors(K) + tap_tensors(kTaps) * sizeof(TapInput<T, kTaps>) / sizeof(T);
+  constexpr size_t kFit = 224 * 1024, kRows = size_t(2) * units * kColumnRows;
   return kRows * 64 <= kFit ? 64 : kRows * 16 * sizeof(T) <= kFit ? 16 * int(sizeof(T)) : 32;
+}
+// Scan steps per group.
+template <typename T, int K, bool kTaps>
+__host__ __device__ constexpr int column_steps() { return column_bytes<T, K, kTaps>() / int(sizeof(T)); }
+// Bytes per row of one stage: the channel tensors', then the tap inputs'.
+template <typename T, int K, bool kTaps>
+__host__ __device__ constexpr int column_row_bytes() {
+  return channel_tensors(K) * column_bytes<T, K, kTaps>() +
+         tap_tensors(kTaps) * column_steps<T, K, kTaps>() * int(sizeof(TapInput<T, kTaps>));
 }
 
 // How the blocks of one column plane split it: `cluster` blocks of `band` rows each (the last may hold
@@ -66,36 +78,39 @@ struct ColumnSplit {
 // Shared memory of columns_scan_kernel: two stages of the staged tensors (column_bytes per row, 128-byte
 // aligned), the warps' edge rows [2][warps][top, bottom][kLaneHalo][K], the halo inboxes
 // [2][top, bottom][K][kHalo] and four mbarriers.
-template <typename T, int K>
+template <typename T, int K, bool kTaps>
 size_t columns_smem(const ColumnSplit& split) {
-  return 128 + size_t(2) * staged_tensors(K) * split.rows * column_bytes<T, K>() +
+  return 128 + size_t(2) * split.rows * column_row_bytes<T, K, kTaps>() +
          (size_t(4) * split.warps * kLaneHalo + 4 * kHalo) * K * sizeof(float) + 4 * sizeof(uint64_t);
 }
 
-// Arguments as rows_scan_kernel's, and `maps` of the staged inputs (gates, x or grad_y, lam or u, u).
+// Arguments as rows_scan_kernel's, and `maps` of the staged inputs (the tap inputs, x or grad_y, lam or u,
+// u) and of y.
 // Launched in clusters of ColumnSplit(H).cluster blocks, one cluster per (batch, column direction, K
 // channels).
-template <typename T, bool kAdjoint, int K>
+template <typename T, bool kAdjoint, int K, bool kTaps>
 __global__ void __launch_bounds__(kColumnMaxThreads)
     columns_scan_kernel(const __grid_constant__ ColumnMaps maps, const T* __restrict__ x,
-                        const T* __restrict__ gates, const T* __restrict__ lam, const T* __restrict__ u,
-                        T* __restrict__ y, float* __restrict__ state, Shape s) {
+                        const T* __restrict__ gates, const float* __restrict__ taps, const T* __restrict__ lam,
+                        const T* __restrict__ u, T* __restrict__ y, float* __restrict__ state, Shape s) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // clusters and the TMA need sm_90; launch_scan takes the generic scans below it
 #else
   namespace cg = cooperative_groups;
+  using Tap = TapInput<T, kTaps>;
   constexpr int VEC = 16 / int(sizeof(T));
-  constexpr int BYTES = column_bytes<T, K>();  // per row and tensor in a group
-  constexpr int SPAN = BYTES / 16;             // 16-byte vectors
-  constexpr int STEPS = SPAN * VEC;            // scan steps per group
-  constexpr int NT = staged_tensors(K);
-  enum { G0 = 0, G1 = 1, G2 = 2 };
+  constexpr int BYTES = column_bytes<T, K, kTaps>();  // per row and channel tensor in a group
+  constexpr int SPAN = BYTES / 16;                    // 16-byte vectors
+  constexpr int STEPS = SPAN * VEC;                   // scan steps per group
+  constexpr int TAP_BYTES = STEPS * int(sizeof(Tap));  // per row and tap input
+  constexpr int NX = channel_tensors(K), NW = tap_tensors(kTaps);
   using Vec = Pack<T, VEC>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* stages = smem_raw + (128 - smem_address(smem_raw) % 128) % 128;  // TMA destinations
   const ColumnSplit split(s.H);
-  const size_t tensor_bytes = size_t(split.rows) * BYTES;  // one tensor of one stage
-  const size_t stage_bytes = NT * tensor_bytes;
+  // One stage: NX channel tensors of rows x BYTES, then NW tap inputs of rows x TAP_BYTES.
+  const size_t tensor_bytes = size_t(split.rows) * BYTES, tap_bytes = size_t(split.rows) * TAP_BYTES;
+  const size_t stage_bytes = NX * tensor_bytes + NW * tap_bytes;
   float* lanes = reinterpret_cast<float*>(stages + 2 * stage_bytes);  // the warps' edge rows
   float* inbox = lanes + 4 * split.warps * kLaneHalo * K;
   uint64_t* landed = reinterpret_cast<uint64_t*>(inbox + 4 * K * kHalo);  // one mbarrier per stage
@@ -104,15 +119,14 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   const cg::cluster_group cluster = cg::this_cluster();
   const int rank = int(cluster.block_rank());
   const PlaneId id(blockIdx.x / split.cluster, s.C, K, 0, 2);
-  const ScanPlanes<T, kAdjoint> io(id, x, gates, lam, u, y, state, s);
+  const ScanPlanes<T, kAdjoint> io(id, x, gates, taps, lam, u, y, state, s);
   const Lines& ln = io.ln;
-  const T* planes[NT];
-  staged_planes<K>(io, planes);
-  const CUtensorMap* map[NT];  // and where each tensor's plane sits in its map
-  int map_plane[NT];
-  const int g = id.c / (s.C / s.G);
-#pragma unroll
-  for (int k = 0; k < 3; ++k) map[k] = &maps.gates, map_plane[k] = (id.d * 3 + k) * s.G + g;
+  const T* planes[NX];
+  channel_planes<K>(io, planes);
+  const Tap* tap_plane[NW];
+  tap_planes<kTaps>(io, tap_plane);
+  const CUtensorMap* map[NX];  // and where each channel tensor's plane sits in its map
+  int map_plane[NX];
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const int dense = id.d * s.C + id.c + k;  // (d, c + k) inside a (4, C) batch item
@@ -190,9 +204,12 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   static_assert(VEC % kLaneHalo == 0, "the lanes are refreshed inside a vector");
   static_assert(VEC % 4 == 0, "the state goes out in whole tiles of 4 columns");
 
-  // Staged row r of tensor k in stage `stage`: BYTES, w ascending.
+  // Staged row r of channel tensor k in stage `stage`: BYTES, w ascending; of tap input k: TAP_BYTES.
   auto row_of = [&](int stage, int k, int r) {
     return stages + stage * stage_bytes + k * tensor_bytes + r * BYTES;
+  };
+  auto tap_row_of = [&](int stage, int k, int r) {
+    return stages + stage * stage_bytes + NX * tensor_bytes + k * tap_bytes + r * TAP_BYTES;
   };
   auto vectors_in = [&](int grp) { return min(SPAN, (ln.T - grp * STEPS) / VEC); };  // W % VEC == 0
   // Memory offset of the lowest w of steps t0 .. t0+VEC-1 on row i.
@@ -204,19 +221,24 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   auto boxed = [&](int grp) { return whole_band && vectors_in(grp) == SPAN; };
   // Thread 0 asks the TMA for a group: per tensor, the boxes of columns w0 .. w0+STEPS-1 of the block's
   // rows (zeros outside the plane, also past its ends in w).
-  unsigned group_bytes = 0;
+  unsigned group_bytes = unsigned(NW * tap_bytes);
 #pragma unroll
-  for (int k = 0; k < NT; ++k) group_bytes += planes[k] ? unsigned(tensor_bytes) : 0u;
+  for (int k = 0; k < NX; ++k) group_bytes += planes[k] ? unsigned(tensor_bytes) : 0u;
+  const int tap_map_plane = (id.d * NW * s.G) + id.c / (s.C / s.G);  // tap input k's plane: + k * G
+  auto first_column = [&](int grp) { return ln.reversed ? ln.T - grp * STEPS - STEPS : grp * STEPS; };
   auto stage = [&](int grp) {
     if (threadIdx.x != 0) return;
     uint64_t* bar = landed + (grp & 1);
     mbarrier_expect(bar, group_bytes);
-    const int t0 = grp * STEPS, w0 = ln.reversed ? ln.T - t0 - STEPS : t0;
+    const int w0 = first_column(grp);
+    for (int row = 0; row < split.rows; row += split.box_rows) {
+      const int h0 = first - split.halo + row;
 #pragma unroll
-    for (int k = 0; k < NT; ++k) {
-      if (!planes[k]) continue;
-      for (int row = 0; row < split.rows; row += split.box_rows)
-        tma_load(row_of(grp & 1, k, row), map[k], w0, first - split.halo + row, map_plane[k], id.b, bar);
+      for (int k = 0; k < NX; ++k)
+        if (planes[k]) tma_load(row_of(grp & 1, k, row), map[k], w0, h0, map_plane[k], id.b, bar);
+#pragma unroll
+      for (int k = 0; k < NW; ++k)
+        tma_load(tap_row_of(grp & 1, k, row), &maps.taps, w0, h0, tap_map_plane + k * s.G, id.b, bar);
     }
   };
   // This thread's steps grp * STEPS + j * VEC .. +VEC-1 of tensor k as float32, in memory order (rows
@@ -227,6 +249,12 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
 #pragma unroll
     for (int m = 0; m < VEC; ++m) out[m] = to_acc(v.v[m]);
   };
+  auto take_tap = [&](int grp, int k, int j, float (&out)[VEC]) {
+    const int vector = ln.reversed ? SPAN - 1 - j : j;
+    const Pack<Tap, VEC> v = reinterpret_cast<const Pack<Tap, VEC>*>(tap_row_of(grp & 1, k, staged_row))[vector];
+#pragma unroll
+    for (int m = 0; m < VEC; ++m) out[m] = to_acc(v.v[m]);
+  };
 
   // Forward: thread 0 sends group grp's y, which the band's owners wrote over their x in the stage, as one
   // TMA box per channel (the band's rows x the group's columns, when boxed), and waits until the TMA has
@@ -234,7 +262,7 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   // uncoalesced stores for their registers: 10% of the stall samples, ncu, SDXL 16K level 1.)
   auto store_y = [&](int grp) {
     if (threadIdx.x != 0 || !boxed(grp)) return;
-    const int t0 = grp * STEPS, w0 = ln.reversed ? ln.T - t0 - STEPS : t0;
+    const int w0 = first_column(grp);
 #pragma unroll
     for (int k = 0; k < K; ++k)
       tma_store(&maps.y, row_of(grp & 1, staged_x(k), split.halo), w0, first, id.d * s.C + id.c + k, id.b);
@@ -265,13 +293,15 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
         Weights<1> wt[VEC];
         float a[VEC][K][1];
         {
-          float g[3][VEC];
+          float g[NW][VEC];
 #pragma unroll
-          for (int k = 0; k < 3; ++k) take(grp, k, j, g[k]);
+          for (int k = 0; k < NW; ++k) take_tap(grp, k, j, g[k]);
 #pragma unroll
           for (int st = 0; st < VEC; ++st) {
-            const float g0[1] = {g[0][mem(st)]}, g1[1] = {g[1][mem(st)]}, g2[1] = {g[2][mem(st)]};
-            wt[st] = Weights<1>(g0, g1, g2, i, ln.L);
+            float tin[NW][1];
+#pragma unroll
+            for (int k = 0; k < NW; ++k) tin[k][0] = g[k][mem(st)];
+            wt[st] = weights_from<kTaps>(tin, i, ln.L);
             pin(wt[st]);
           }
 #pragma unroll

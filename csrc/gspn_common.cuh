@@ -75,20 +75,22 @@ template <typename T, bool kAdjoint>
 struct ScanPlanes {
   int d;
   Lines ln;
-  const T* gate[3];  // logits of taps 0, 1, 2
+  const T* gate[3];      // logits of taps 0, 1, 2
+  const float* tap[2];   // the staged weights w_0, w_2 (gspn_api.h: staged_taps), or null
   const T* a0;       // the factors of the step input; a1 may be null
   const T* a1;
   const T* u;  // forward only (may be null)
   T* y;        // forward only
   float* state;  // may be null in the forward
   int64_t plane;  // elements of one H x W plane: the next channel's planes of a0, a1, u, y, state
-  __device__ __forceinline__ ScanPlanes(PlaneId id, const T* x, const T* gates, const T* lam, const T* u_, T* y_,
-                                        float* state_, const Shape& s)
+  __device__ __forceinline__ ScanPlanes(PlaneId id, const T* x, const T* gates, const float* taps, const T* lam,
+                                        const T* u_, T* y_, float* state_, const Shape& s)
       : d(id.d), ln(kAdjoint ? d ^ 1 : d, s.H, s.W) {
     const int c = id.c, b = id.b, g = c / (s.C / s.G);
     plane = int64_t(s.H) * s.W;
     const int64_t dense = ((int64_t(b) * 4 + d) * s.C + c) * plane;  // (b, d, c) of a dense (B, 4, C, H, W)
     for (int k = 0; k < 3; ++k) gate[k] = gates + b * s.gates_batch_stride + ((int64_t(d) * 3 + k) * s.G + g) * plane;
+    for (int k = 0; k < 2; ++k) tap[k] = taps ? taps + (((int64_t(b) * 4 + d) * 2 + k) * s.G + g) * plane : nullptr;
     const T* u_plane = u_ ? u_ + b * s.u_batch_stride + (int64_t(d) * s.C + c) * plane : nullptr;
     a0 = kAdjoint ? x + dense : x + (int64_t(b) * s.C + c) * plane;
     a1 = kAdjoint ? u_plane : lam + b * s.lam_batch_stride + (int64_t(d) * s.C + c) * plane;

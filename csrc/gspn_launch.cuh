@@ -11,6 +11,7 @@
 #include "gspn_columns.cuh"
 #include "gspn_rows.cuh"
 #include "gspn_scan.cuh"
+#include "gspn_taps.cuh"
 
 namespace gspn {
 
@@ -81,15 +82,18 @@ inline bool has_clusters() {
 }
 
 // The column scans of the line-parallel path: TMA maps of the staged inputs, then clusters of blocks.
-template <typename T, bool kAdjoint, int K>
-cudaError_t launch_columns(const T* x, const T* gates, const T* lam, const T* u, T* y, float* state, Shape s,
-                           cudaStream_t stream) {
+template <typename T, bool kAdjoint, int K, bool kTaps>
+cudaError_t launch_columns(const T* x, const T* gates, const float* taps, const T* lam, const T* u, T* y,
+                           float* state, Shape s, cudaStream_t stream) {
   const ColumnSplit split(s.H);
-  const int box_w = column_bytes<T, K>() / int(sizeof(T)), box_h = split.box_rows;
+  const int box_w = column_steps<T, K, kTaps>(), box_h = split.box_rows;
   const long long dense = 4LL * s.C * s.H * s.W;  // a (4, C, H, W) batch item
   ColumnMaps maps = {};
-  // gates (B, 4 * 3 * G planes); x (B, C) or grad_y (B, 4 * C); lam or u, and u: (B, 4 * C).
-  cudaError_t err = column_map<T>(&maps.gates, gates, s.B, 12LL * s.G, s.gates_batch_stride, s.H, s.W, box_w, box_h);
+  // gates (B, 4 * 3 * G planes) or taps (B, 4 * 2 * G); x (B, C) or grad_y (B, 4 * C); lam or u, and u:
+  // (B, 4 * C).
+  cudaError_t err =
+      kTaps ? column_map<float>(&maps.taps, taps, s.B, 8LL * s.G, 8LL * s.G * s.H * s.W, s.H, s.W, box_w, box_h)
+            : column_map<T>(&maps.taps, gates, s.B, 12LL * s.G, s.gates_batch_stride, s.H, s.W, box_w, box_h);
   if (err == cudaSuccess)
     err = kAdjoint ? column_map<T>(&maps.a0, x, s.B, 4LL * s.C, dense, s.H, s.W, box_w, box_h)
                    : column_map<T>(&maps.a0, x, s.B, s.C, (long long)s.C * s.H * s.W, s.H, s.W, box_w, box_h);
@@ -101,10 +105,23 @@ cudaError_t launch_columns(const T* x, const T* gates, const T* lam, const T* u,
   if (err == cudaSuccess && !kAdjoint)  // y goes out in boxes of a band
     err = column_map<T>(&maps.y, y, s.B, 4LL * s.C, dense, s.H, s.W, box_w, split.band);
   if (err != cudaSuccess) return err;
-  void* args[] = {&maps, &x, &gates, &lam, &u, &y, &state, &s};
+  void* args[] = {&maps, &x, &gates, &taps, &lam, &u, &y, &state, &s};
   const unsigned blocks = unsigned(s.B) * 2 * s.C / K * split.cluster;
-  return launch_clusters(columns_scan_kernel<T, kAdjoint, K>, blocks, split.cluster, split.threads(),
-                         columns_smem<T, K>(split), stream, args);
+  return launch_clusters(columns_scan_kernel<T, kAdjoint, K, kTaps>, blocks, split.cluster, split.threads(),
+                         columns_smem<T, K, kTaps>(split), stream, args);
+}
+
+// The line-parallel scans: the row scans on streams.main, the column scans on streams.side.
+template <typename T, bool kAdjoint, int K, bool kTaps>
+cudaError_t launch_lines(const T* x, const T* gates, const float* taps, const T* lam, const T* u, T* y,
+                         float* state, Shape s, Streams streams) {
+  const unsigned blocks = unsigned(s.B) * 2 * s.C / K;  // (batch, direction of the pair, K channels)
+  const int threads = ((s.W + kRowQ - 1) / kRowQ + 31) / 32 * 32;
+  const size_t smem = rows_smem(threads, sizeof(T), K, kAdjoint, kTaps);
+  void* args[] = {&x, &gates, &taps, &lam, &u, &y, &state, &s};
+  cudaError_t err = launch(rows_scan_kernel<T, kAdjoint, K, kTaps>, blocks, threads, smem, streams.main, args);
+  return err == cudaSuccess ? launch_columns<T, kAdjoint, K, kTaps>(x, gates, taps, lam, u, y, state, s, streams.side)
+                            : err;
 }
 
 // Makes `later` wait for the work queued so far on `earlier`.
@@ -119,39 +136,41 @@ inline cudaError_t stream_wait(cudaStream_t later, cudaStream_t earlier) {
 }
 
 // One scan of every line of every (batch, direction, channel): the forward or the adjoint (arguments as
-// rows_scan_kernel's). On sm_90 and later, 16-byte-aligned grids with lines of up to 1024 positions take
-// two launches, the row scans (4 positions per thread) and the column scans (clusters of blocks with one
-// row per thread), the column scans on streams.side (gspn_api.h: Streams); the generic kernel takes the rest.
+// rows_scan_kernel's; `taps` the scratch of gspn_api.h, or null). On sm_90 and later, 16-byte-aligned grids
+// with lines of up to 1024 positions take two launches, the row scans (4 positions per thread) and the
+// column scans (clusters of blocks with one row per thread), the column scans on streams.side (gspn_api.h:
+// Streams), after the taps pass where staged_taps(s); the generic kernel takes the rest.
 // (H100, forward with the column scans on a second stream: SDXL 8K level 1 1.04 -> 0.92 ms, 16K level 1
 // 3.31 -> 3.02 ms. The row scans of those shapes are 160 blocks on 132 multiprocessors: 28 take two, and
 // without a second stream the others wait idle for them.)
 template <typename T, bool kAdjoint>
-cudaError_t launch_scan(const T* x, const T* gates, const T* lam, const T* u, T* y, float* state, Shape s,
-                        bool aligned, Streams streams) {
+cudaError_t launch_scan(const T* x, const T* gates, float* taps, const T* lam, const T* u, T* y, float* state,
+                        Shape s, bool aligned, Streams streams) {
   const cudaStream_t stream = streams.main;
   const int longest = std::max(s.H, s.W);
-  void* args[] = {&x, &gates, &lam, &u, &y, &state, &s};
   // The line-parallel kernels copy 16-byte pieces of every plane: every plane must start 16-byte aligned.
   const long long vec = 16 / int(sizeof(T));
   const bool planes_aligned = aligned && s.W % vec == 0 && s.gates_batch_stride % vec == 0 &&
                               s.lam_batch_stride % vec == 0 && s.u_batch_stride % vec == 0;
   if (planes_aligned && s.W <= kRowQ * kRowMaxThreads && s.H <= kBand * kColumnMaxBlocks && has_clusters()) {
     const int K = channels_per_block(s.C, s.G);
-    const unsigned blocks = unsigned(s.B) * 2 * s.C / K;  // (batch, direction of the pair, K channels)
-    const int row_threads = ((s.W + kRowQ - 1) / kRowQ + 31) / 32 * 32;
-    const size_t row_smem = rows_smem(row_threads, sizeof(T), K, kAdjoint);
+    const bool staged = taps && staged_taps(s);
+    cudaError_t err = staged ? launch_taps<T>(gates, taps, s, stream) : cudaSuccess;
     const bool forked = streams.side != streams.main;
-    cudaError_t err = forked ? stream_wait(streams.side, stream) : cudaSuccess;
-    if (err == cudaSuccess)
-      err = K == 2 ? launch(rows_scan_kernel<T, kAdjoint, 2>, blocks, row_threads, row_smem, stream, args)
-                   : launch(rows_scan_kernel<T, kAdjoint, 1>, blocks, row_threads, row_smem, stream, args);
-    if (err == cudaSuccess)
-      err = K == 2 ? launch_columns<T, kAdjoint, 2>(x, gates, lam, u, y, state, s, streams.side)
-                   : launch_columns<T, kAdjoint, 1>(x, gates, lam, u, y, state, s, streams.side);
+    if (err == cudaSuccess && forked) err = stream_wait(streams.side, stream);
+    if (err == cudaSuccess) {
+      if (staged)
+        err = K == 2 ? launch_lines<T, kAdjoint, 2, true>(x, gates, taps, lam, u, y, state, s, streams)
+                     : launch_lines<T, kAdjoint, 1, true>(x, gates, taps, lam, u, y, state, s, streams);
+      else
+        err = K == 2 ? launch_lines<T, kAdjoint, 2, false>(x, gates, nullptr, lam, u, y, state, s, streams)
+                     : launch_lines<T, kAdjoint, 1, false>(x, gates, nullptr, lam, u, y, state, s, streams);
+    }
     if (err == cudaSuccess && forked) err = stream_wait(stream, streams.side);
     return err;
   }
   cudaError_t err = cudaSuccess;
+  void* args[] = {&x, &gates, &lam, &u, &y, &state, &s};
   const int p = positions_per_thread(longest, kMaxThreads);
   const int threads = std::min(kMaxThreads, ((longest + p - 1) / p + 31) / 32 * 32);
   GSPN_SWITCH_P(p, err = launch(scan_kernel<T, P, kAdjoint>, s.B * 4 * s.C, threads, scan_smem(longest, kAdjoint),
@@ -160,18 +179,18 @@ cudaError_t launch_scan(const T* x, const T* gates, const T* lam, const T* u, T*
 }
 
 template <typename T>
-cudaError_t launch_forward(const T* x, const T* gates, const T* lam, const T* u, T* y, float* h, Shape s, bool aligned,
-                           Streams streams) {
-  return launch_scan<T, false>(x, gates, lam, u, y, h, s, aligned, streams);
+cudaError_t launch_forward(const T* x, const T* gates, const T* lam, const T* u, T* y, float* h, float* taps, Shape s,
+                           bool aligned, Streams streams) {
+  return launch_scan<T, false>(x, gates, taps, lam, u, y, h, s, aligned, streams);
 }
 
 template <typename T>
 cudaError_t launch_backward(const T* gy, const T* x, const T* gates, const T* lam, const T* u, const float* h,
-                            float* gh, T* gx, void* ggates, T* glam, T* gu, Shape s, bool aligned,
+                            float* gh, T* gx, void* ggates, T* glam, T* gu, float* taps, Shape s, bool aligned,
                             cudaStream_t stream) {
   // On one stream: with the column scans on a second one, the adjoint of the SDXL 4K cases took 7% longer
   // (H100, forward + backward 1.05 -> 1.12 ms), while the forward gained.
-  cudaError_t err = launch_scan<T, true>(gy, gates, nullptr, u, nullptr, gh, s, aligned, {stream, stream});
+  cudaError_t err = launch_scan<T, true>(gy, gates, taps, nullptr, u, nullptr, gh, s, aligned, {stream, stream});
   if (err != cudaSuccess) return err;
   const bool summed = gate_gradients_in_float32(s);  // several slices per group, added atomically
   if (summed) {
@@ -196,9 +215,9 @@ cudaError_t launch_backward(const T* gy, const T* x, const T* gates, const T* la
 }
 
 #define GSPN_INSTANTIATE(T)                                                                                   \
-  template cudaError_t launch_forward<T>(const T*, const T*, const T*, const T*, T*, float*, Shape, bool,         \
-                                         Streams);                                                            \
-  template cudaError_t launch_backward<T>(const T*, const T*, const T*, const T*, const T*, const float*, float*, \
-                                          T*, void*, T*, T*, Shape, bool, cudaStream_t);
+  template cudaError_t launch_forward<T>(const T*, const T*, const T*, const T*, T*, float*, float*, Shape, bool, \
+                                         Streams);                                                               \
+  template cudaError_t launch_backward<T>(const T*, const T*, const T*, const T*, const T*, const float*, float*,  \
+                                          T*, void*, T*, T*, float*, Shape, bool, cudaStream_t);
 
 }  // namespace gspn

@@ -22,46 +22,57 @@ constexpr int kRowMaxThreads = 256;  // rows of up to 1024 positions
 __host__ __device__ constexpr int row_group(size_t element, bool adjoint) { return element == 2 && !adjoint ? 4 : 2; }
 
 // Shared memory of rows_scan_kernel: two stages of the staged tensors x row_group rows, then the warp
-// edges.
-inline size_t rows_smem(int threads, size_t element, int K, bool adjoint) {
-  return size_t(2) * staged_tensors(K) * row_group(element, adjoint) * kRowQ * threads * element +
-         warp_edges_bytes(threads, K);
+// edges. `taps`: the tap inputs are float32 weights (two tensors), else logits of `element` bytes (three).
+inline size_t rows_smem(int threads, size_t element, int K, bool adjoint, bool taps) {
+  const size_t row = size_t(kRowQ) * threads;
+  const size_t tensors = channel_tensors(K) * element + tap_tensors(taps) * (taps ? sizeof(float) : element);
+  return 2 * tensors * row_group(element, adjoint) * row + warp_edges_bytes(threads, K);
 }
 
 // Forward (kAdjoint = false): x, lam, u as in the op; writes y = u h and, when `state` is not null, h.
 // Adjoint (kAdjoint = true): x is grad_y (B, 4, C, H, W), u the op's u (may be null), lam and y unused;
-// writes gh to `state`. One block per (batch, row direction, K channels): B * 2 * C / K blocks.
-template <typename T, bool kAdjoint, int K>
+// writes gh to `state`. The tap weights come from `taps` (kTaps, gspn_taps.cuh), else from the logits in
+// `gates`. One block per (batch, row direction, K channels): B * 2 * C / K blocks.
+template <typename T, bool kAdjoint, int K, bool kTaps>
 __global__ void __launch_bounds__(kRowMaxThreads)
-    rows_scan_kernel(const T* __restrict__ x, const T* __restrict__ gates, const T* __restrict__ lam,
-                     const T* __restrict__ u, T* __restrict__ y, float* __restrict__ state, Shape s) {
-  constexpr int VEC = 16 / int(sizeof(T));  // positions per 16-byte chunk
+    rows_scan_kernel(const T* __restrict__ x, const T* __restrict__ gates, const float* __restrict__ taps,
+                     const T* __restrict__ lam, const T* __restrict__ u, T* __restrict__ y,
+                     float* __restrict__ state, Shape s) {
+  using Tap = TapInput<T, kTaps>;
   constexpr int RG = row_group(sizeof(T), kAdjoint);
-  constexpr int NT = staged_tensors(K);
-  enum { G0 = 0, G1 = 1, G2 = 2 };
+  constexpr int NX = channel_tensors(K), NW = tap_tensors(kTaps);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int cap = kRowQ * blockDim.x;
-  const size_t buffer = size_t(NT) * RG * cap;  // elements of one stage
-  T* buffers = reinterpret_cast<T*>(smem_raw);
-  const WarpEdges<K> ex{reinterpret_cast<float*>(smem_raw + 2 * buffer * sizeof(T)), int(blockDim.x / 32),
+  // One stage: [NX][RG][cap] of T, then [NW][RG][cap] of Tap.
+  const size_t channel_bytes = size_t(NX) * RG * cap * sizeof(T);
+  const size_t buffer = channel_bytes + size_t(NW) * RG * cap * sizeof(Tap);
+  const WarpEdges<K> ex{reinterpret_cast<float*>(smem_raw + 2 * buffer), int(blockDim.x / 32),
                         int(threadIdx.x / 32), int(threadIdx.x % 32)};
 
-  const ScanPlanes<T, kAdjoint> io(PlaneId(blockIdx.x, s.C, K, 2, 2), x, gates, lam, u, y, state, s);
+  const ScanPlanes<T, kAdjoint> io(PlaneId(blockIdx.x, s.C, K, 2, 2), x, gates, taps, lam, u, y, state, s);
   const Lines& ln = io.ln;
-  const T* planes[NT];
-  staged_planes<K>(io, planes);
+  const T* planes[NX];
+  channel_planes<K>(io, planes);
+  const Tap* tap_plane[NW];
+  tap_planes<kTaps>(io, tap_plane);
   ex.clear();
 
   const int groups = (ln.T + RG - 1) / RG;
   const int i0 = kRowQ * threadIdx.x;  // first of this thread's positions
-  const bool active = i0 < ln.L;       // L = W is a multiple of VEC, so quads are whole
+  const bool active = i0 < ln.L;       // L = W is a multiple of 16 bytes' elements, so quads are whole
   Stepper<kRowQ, K, kAdjoint> stepper(ln, s.chunk);
 
-  auto tile_of = [&](int grp) { return buffers + (grp & 1) * buffer; };
-  auto tslot = [&](T* tile, int k, int st) { return tile + (size_t(k) * RG + st) * cap; };
-  auto stage = [&](int grp) {
-    const int t0 = grp * RG;
-    T* tile = tile_of(grp);
+  auto tile_of = [&](int grp) { return smem_raw + (grp & 1) * buffer; };
+  auto tslot = [&](unsigned char* tile, int k, int st) {
+    return reinterpret_cast<T*>(tile) + (size_t(k) * RG + st) * cap;
+  };
+  auto wslot = [&](unsigned char* tile, int k, int st) {
+    return reinterpret_cast<Tap*>(tile + channel_bytes) + (size_t(k) * RG + st) * cap;
+  };
+  // Copies the group's rows of the planes `from` (an array) into the tile's slots, 16 bytes at a time.
+  auto copy_rows = [&](int t0, const auto& from, auto slot) {
+    constexpr int n = int(std::extent_v<std::remove_reference_t<decltype(from)>>);
+    constexpr int VEC = 16 / int(sizeof(*from[0]));  // elements per 16-byte chunk
     const int chunks_per_row = ln.L / VEC;
     for (int ch = threadIdx.x; ch < chunks_per_row * RG; ch += blockDim.x) {
       const int st = ch / chunks_per_row;
@@ -69,9 +80,14 @@ __global__ void __launch_bounds__(kRowMaxThreads)
       if (t0 + st >= ln.T) continue;
       const int off = ln.offset(t0 + st, e);
 #pragma unroll
-      for (int k = 0; k < NT; ++k)
-        if (planes[k]) cp_async16(tslot(tile, k, st) + e, planes[k] + off);
+      for (int k = 0; k < n; ++k)
+        if (from[k]) cp_async16(slot(k, st) + e, from[k] + off);
     }
+  };
+  auto stage = [&](int grp) {
+    unsigned char* tile = tile_of(grp);
+    copy_rows(grp * RG, planes, [&](int k, int st) { return tslot(tile, k, st); });
+    copy_rows(grp * RG, tap_plane, [&](int k, int st) { return wslot(tile, k, st); });
   };
 
   stage(0);
@@ -82,18 +98,17 @@ __global__ void __launch_bounds__(kRowMaxThreads)
     if (grp + 1 < groups) stage(grp + 1);
     cp_async_commit();
 
-    T* tile = tile_of(grp);
+    unsigned char* tile = tile_of(grp);
     const int t0 = grp * RG;
     // The weights and inputs of the group's rows first (independent of the state), then the steps.
     Weights<kRowQ> wt[RG];
     float a[RG][K][kRowQ] = {};
 #pragma unroll
     for (int st = 0; st < RG; ++st) {
-      float g0[kRowQ] = {}, g1[kRowQ] = {}, g2[kRowQ] = {};
+      float tin[NW][kRowQ] = {};
       if (active && t0 + st < ln.T) {
-        load_pack<T, kRowQ>(tslot(tile, G0, st) + i0, g0);
-        load_pack<T, kRowQ>(tslot(tile, G1, st) + i0, g1);
-        load_pack<T, kRowQ>(tslot(tile, G2, st) + i0, g2);
+#pragma unroll
+        for (int k = 0; k < NW; ++k) load_pack<Tap, kRowQ>(wslot(tile, k, st) + i0, tin[k]);
 #pragma unroll
         for (int k = 0; k < K; ++k) {
           load_pack<T, kRowQ>(tslot(tile, staged_x(k), st) + i0, a[st][k]);
@@ -105,7 +120,7 @@ __global__ void __launch_bounds__(kRowMaxThreads)
           }
         }
       }
-      wt[st] = Weights<kRowQ>(g0, g1, g2, i0, ln.L);
+      wt[st] = weights_from<kTaps>(tin, i0, ln.L);
       pin(wt[st]);
     }
 #pragma unroll

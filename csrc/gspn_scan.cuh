@@ -32,7 +32,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   extern __shared__ unsigned char smem_raw[];
   float* lines = reinterpret_cast<float*>(smem_raw);  // [2][NL][row], position i at i + 1
 
-  const ScanPlanes<T, kAdjoint> io(PlaneId(blockIdx.x, s.C, 1, 0, 4), x, gates, lam, u, y, state, s);
+  const ScanPlanes<T, kAdjoint> io(PlaneId(blockIdx.x, s.C, 1, 0, 4), x, gates, nullptr, lam, u, y, state,
+                                   s);
   const Lines& ln = io.ln;
   const int row = max(s.H, s.W) + 2;
   for (int k = threadIdx.x; k < 2 * NL * row; k += blockDim.x) lines[k] = 0.f;

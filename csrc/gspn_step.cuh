@@ -10,28 +10,40 @@
 //           forward's stencil). gspn_gradients.cuh turns gh into every input's gradient.
 #pragma once
 
+#include <type_traits>
+
 #include "gspn_common.cuh"
 
 namespace gspn {
 
-// Tensors the line-parallel scans stage for K channels: the three gate taps, then per channel the two
-// factors of the step input a, and u.
-__host__ __device__ constexpr int staged_tensors(int K) { return 3 + 3 * K; }
-// Index of channel k's first factor of a among them; its second factor (lam, or u in the adjoint) and
-// u follow.
-__host__ __device__ constexpr int staged_x(int k) { return 3 + 3 * k; }
+// Tensors the line-parallel scans stage for K channels of one gate group: per channel the two factors
+// of the step input a and u, in T; then the tap inputs, of type TapInput: the three gate logits, or with
+// staged taps (gspn_api.h: staged_taps) the two float32 weights w_0 and w_2.
+__host__ __device__ constexpr int channel_tensors(int K) { return 3 * K; }
+__host__ __device__ constexpr int tap_tensors(bool taps) { return taps ? 2 : 3; }
+// Index of channel k's first factor of a among the channel tensors; its second factor (lam, or u in the
+// adjoint) and u follow.
+__host__ __device__ constexpr int staged_x(int k) { return 3 * k; }
+template <typename T, bool kTaps>
+using TapInput = std::conditional_t<kTaps, float, T>;
 
-// The planes a line-parallel block stages, in that order (null where the op has no such tensor).
+// The planes of the channel tensors a block stages, in that order (null where the op has no such tensor).
 template <int K, typename T, bool kAdjoint>
-__device__ __forceinline__ void staged_planes(const ScanPlanes<T, kAdjoint>& io,
-                                              const T* (&planes)[staged_tensors(K)]) {
-  planes[0] = io.gate[0], planes[1] = io.gate[1], planes[2] = io.gate[2];
+__device__ __forceinline__ void channel_planes(const ScanPlanes<T, kAdjoint>& io,
+                                               const T* (&planes)[channel_tensors(K)]) {
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     planes[staged_x(k)] = io.a0 + k * io.plane;
     planes[staged_x(k) + 1] = io.a1 ? io.a1 + k * io.plane : nullptr;
     planes[staged_x(k) + 2] = io.u ? io.u + k * io.plane : nullptr;
   }
+}
+// The planes of the tap inputs.
+template <bool kTaps, typename T, bool kAdjoint>
+__device__ __forceinline__ void tap_planes(const ScanPlanes<T, kAdjoint>& io,
+                                           const TapInput<T, kTaps>* (&planes)[tap_tensors(kTaps)]) {
+  if constexpr (kTaps) planes[0] = io.tap[0], planes[1] = io.tap[1];
+  else planes[0] = io.gate[0], planes[1] = io.gate[1], planes[2] = io.gate[2];
 }
 
 // A compile-time flag passed to a generic lambda, so that one body serves both scan orders.
@@ -54,6 +66,24 @@ struct Weights {
     }
   }
 };
+
+// The weights of positions i0 .. i0+Q-1 from their staged tap inputs: the three logits, or (staged taps)
+// w_0 and w_2, where w_1 = 1 - w_0 - w_2 (the taps pass has dropped the taps that read outside the line).
+template <bool kTaps, int Q>
+__device__ __forceinline__ Weights<Q> weights_from(const float (&in)[tap_tensors(kTaps)][Q], int i0, int L) {
+  if constexpr (kTaps) {
+    Weights<Q> wt;
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      wt.w[0][q] = in[0][q];
+      wt.w[1][q] = 1.f - in[0][q] - in[1][q];
+      wt.w[2][q] = in[1][q];
+    }
+    return wt;
+  } else {
+    return Weights<Q>(in[0], in[1], in[2], i0, L);
+  }
+}
 
 // Keeps the compiler from moving the computation of v past this point: weights computed ahead of a run
 // of steps would otherwise sink into the step that uses them, behind its barrier.

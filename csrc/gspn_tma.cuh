@@ -13,10 +13,10 @@
 
 namespace gspn {
 
-// The staged inputs of a column scan, and y (forward) for the TMA stores (a map is unused where its tensor
-// is null).
+// The staged inputs of a column scan (the tap inputs: gate logits or staged float32 weights; x or grad_y;
+// lam or u; u), and y (forward) for the TMA stores (a map is unused where its tensor is null).
 struct ColumnMaps {
-  CUtensorMap gates, a0, a1, u, y;
+  CUtensorMap taps, a0, a1, u, y;
 };
 
 template <typename T> constexpr CUtensorMapDataType tma_type();

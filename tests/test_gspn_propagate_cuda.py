@@ -20,11 +20,12 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # multiples of 8 take the line-parallel scans (forward and adjoint), the others the generic ones; columns
 # of more than 256 rows (520) are split over a cluster of blocks that exchange halos. The column scans
 # send y through TMA store boxes where a box lies inside the plane, else (widths 12, 40, 260: a last group
-# of fewer steps; the last band of 520 rows) each lane stores its own. Groups of an even
-# number of channels are scanned two channels per block. The gradient pass takes tiles of 8 rows x 32
-# columns (x 128 where W % 4 == 0): 45 and 260 are split over several, the last partial; grids this
-# small split every gate group into slices of one channel, whose blocks add their gate gradients
-# atomically (test_gradient_slices_by_grid_size has the other cases).
+# of fewer steps; the last band of 520 rows) each lane stores its own. Groups of an even number of
+# channels are scanned two channels per block; groups of 4 or more channels read the tap weights that the
+# taps pass computed once (csrc/gspn_taps.cuh), in blocks of two channels or (5) of one. The gradient
+# pass takes tiles of 8 rows x 32 columns (x 128 where W % 4 == 0): 45 and 260 are split over several, the
+# last partial; grids this small split every gate group into slices of one channel, whose blocks add
+# their gate gradients atomically (test_gradient_slices_by_grid_size has the other cases).
 SHAPES = [
     (2, 6, 3, 5, 8),
     (1, 4, 1, 33, 16),
@@ -43,6 +44,7 @@ SHAPES = [
     (1, 20, 1, 9, 16),
     (1, 3, 1, 19, 45),
     (1, 2, 1, 21, 260),
+    (2, 5, 1, 12, 32),
 ]
 CHUNKS = [None, 1, 3, 8, 100]
 
@@ -143,8 +145,9 @@ def test_gradients_match_reference(shape, chunk, with_u, dtype):
 
 
 # Columns over a cluster of 2 and 4 blocks (bands of 150, 195 and 250 rows with 16-row halos refreshed
-# every 16 steps), in one and two channels per block, with partial groups at the line ends.
-@pytest.mark.parametrize("shape", [(1, 2, 1, 300, 24), (1, 4, 1, 777, 16), (1, 2, 2, 1000, 40)])
+# every 16 steps), in one and two channels per block, with partial groups at the line ends; 4 and 5
+# channels a group with staged tap weights.
+@pytest.mark.parametrize("shape", [(1, 2, 1, 300, 24), (1, 4, 1, 777, 16), (1, 2, 2, 1000, 40), (1, 5, 1, 300, 24)])
 @pytest.mark.parametrize("chunk", [None, 7])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tall_columns_split_over_a_cluster(shape, chunk, dtype):
@@ -213,11 +216,12 @@ def test_2048_long_float16_scan_stays_finite():
     assert rel_err(y, y64) < 2e-3
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 1, 24, 32), (1, 2, 1, 13, 13)])
+@pytest.mark.parametrize("shape", [(1, 2, 1, 24, 32), (1, 4, 1, 24, 32), (1, 2, 1, 13, 13)])
 def test_gate_logits_outside_the_sigmoid_range(shape):
     # The scans raise logits below -40 to -40 (tap_weights in csrc/gspn_common.cuh): beside a tap of an
     # ordinary logit that changes no weight measurably. Taps of -100 and +100 among ordinary ones, on the
-    # line-parallel (W = 32) and the generic (W = 13) scans.
+    # line-parallel (W = 32; with staged tap weights where the group has 4 channels, so that w_1 = 1 - w_0
+    # - w_2 of a vanishing tap is tested) and the generic (W = 13) scans.
     x, gates, lam, u = make_inputs(shape, torch.float32, seed=SEED)
     gates[:, :, 0, ..., ::3] = -100.0
     gates[:, :, 2, ..., 1::3] = -100.0
