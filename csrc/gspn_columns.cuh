@@ -53,34 +53,43 @@ __host__ __device__ constexpr int column_bytes() {
 // Scan steps per group.
 template <typename T, int K, bool kTaps>
 __host__ __device__ constexpr int column_steps() { return column_bytes<T, K, kTaps>() / int(sizeof(T)); }
-// Bytes per row of one stage: the channel tensors', then the tap inputs'.
-template <typename T, int K, bool kTaps>
-__host__ __device__ constexpr int column_row_bytes() {
-  return channel_tensors(K) * column_bytes<T, K, kTaps>() +
-         tap_tensors(kTaps) * column_steps<T, K, kTaps>() * int(sizeof(TapInput<T, kTaps>));
-}
 
 // How the blocks of one column plane split it: `cluster` blocks of `band` rows each (the last may hold
-// fewer), each scanning `halo` more rows on either side with `warps` warps of kLaneRows rows; a block
-// stages `rows` rows (from its first halo row on), in one or two TMA boxes of `box_rows` rows.
+// fewer), each scanning `halo` more rows on either side with `warps` warps of kLaneRows rows (`rows`,
+// from its first halo row on); a block stages them in one or two TMA boxes of `box_rows` rows, a multiple
+// of 8 (the swizzle's period), `staged` rows in all.
 struct ColumnSplit {
-  int cluster, band, halo, warps, rows, box_rows;
+  int cluster, band, halo, warps, rows, box_rows, staged;
   __host__ __device__ explicit ColumnSplit(int H)
       : cluster((H + kBand - 1) / kBand),
         band((H + cluster - 1) / cluster),
         halo(cluster > 1 ? kHalo : 0),
         warps((band + 2 * halo + kLaneRows - 1) / kLaneRows),
         rows(warps * kLaneRows),
-        box_rows(rows <= 256 ? rows : rows / 2) {}
+        box_rows(rows <= 256 ? rows : (rows / 2 + 7) / 8 * 8),
+        staged(rows <= 256 ? rows : 2 * box_rows) {}
   __host__ __device__ int threads() const { return 32 * warps; }
 };
 
-// Shared memory of columns_scan_kernel: two stages of the staged tensors (column_bytes per row, 128-byte
-// aligned), the warps' edge rows [2][warps][top, bottom][kLaneHalo][K], the halo inboxes
-// [2][top, bottom][K][kHalo] and four mbarriers.
+// Bytes of one staged tensor in one stage (a multiple of 1024, so that every box starts at a multiple of
+// its swizzle's period): a channel tensor's, or (tap) a tap input's.
+template <typename T, int K, bool kTaps>
+__host__ __device__ size_t column_tensor_bytes(const ColumnSplit& split, bool tap) {
+  const int per_row = tap ? column_steps<T, K, kTaps>() * int(sizeof(TapInput<T, kTaps>)) : column_bytes<T, K, kTaps>();
+  return (size_t(split.staged) * per_row + 1023) / 1024 * 1024;
+}
+template <typename T, int K, bool kTaps>
+__host__ __device__ size_t column_stage_bytes(const ColumnSplit& split) {
+  return channel_tensors(K) * column_tensor_bytes<T, K, kTaps>(split, false) +
+         tap_tensors(kTaps) * column_tensor_bytes<T, K, kTaps>(split, true);
+}
+
+// Shared memory of columns_scan_kernel: two stages of the staged tensors (1024-byte aligned), the warps'
+// edge rows [2][warps][top, bottom][kLaneHalo][K], the halo inboxes [2][top, bottom][K][kHalo] and four
+// mbarriers.
 template <typename T, int K, bool kTaps>
 size_t columns_smem(const ColumnSplit& split) {
-  return 128 + size_t(2) * split.rows * column_row_bytes<T, K, kTaps>() +
+  return 1024 + 2 * column_stage_bytes<T, K, kTaps>(split) +
          (size_t(4) * split.warps * kLaneHalo + 4 * kHalo) * K * sizeof(float) + 4 * sizeof(uint64_t);
 }
 
@@ -106,11 +115,12 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   constexpr int NX = channel_tensors(K), NW = tap_tensors(kTaps);
   using Vec = Pack<T, VEC>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* stages = smem_raw + (128 - smem_address(smem_raw) % 128) % 128;  // TMA destinations
+  unsigned char* stages = smem_raw + (1024 - smem_address(smem_raw) % 1024) % 1024;  // TMA destinations
   const ColumnSplit split(s.H);
-  // One stage: NX channel tensors of rows x BYTES, then NW tap inputs of rows x TAP_BYTES.
-  const size_t tensor_bytes = size_t(split.rows) * BYTES, tap_bytes = size_t(split.rows) * TAP_BYTES;
-  const size_t stage_bytes = NX * tensor_bytes + NW * tap_bytes;
+  // One stage: NX channel tensors of rows x BYTES, then NW tap inputs of rows x TAP_BYTES, swizzled.
+  const size_t tensor_bytes = column_tensor_bytes<T, K, kTaps>(split, false);
+  const size_t tap_bytes = column_tensor_bytes<T, K, kTaps>(split, true);
+  const size_t stage_bytes = column_stage_bytes<T, K, kTaps>(split);
   float* lanes = reinterpret_cast<float*>(stages + 2 * stage_bytes);  // the warps' edge rows
   float* inbox = lanes + 4 * split.warps * kLaneHalo * K;
   uint64_t* landed = reinterpret_cast<uint64_t*>(inbox + 4 * K * kHalo);  // one mbarrier per stage
@@ -204,12 +214,19 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   static_assert(VEC % kLaneHalo == 0, "the lanes are refreshed inside a vector");
   static_assert(VEC % 4 == 0, "the state goes out in whole tiles of 4 columns");
 
-  // Staged row r of channel tensor k in stage `stage`: BYTES, w ascending; of tap input k: TAP_BYTES.
+  // Where the TMA puts row r (a box's first) of channel tensor k in stage `stage`: BYTES, w ascending; of
+  // tap input k: TAP_BYTES. The 16-byte chunk c of a staged row is at chunk_of / tap_chunk_of (swizzled).
   auto row_of = [&](int stage, int k, int r) {
     return stages + stage * stage_bytes + k * tensor_bytes + r * BYTES;
   };
   auto tap_row_of = [&](int stage, int k, int r) {
     return stages + stage * stage_bytes + NX * tensor_bytes + k * tap_bytes + r * TAP_BYTES;
+  };
+  auto chunk_of = [&](int stage, int k, int r, int c) {
+    return stages + stage * stage_bytes + k * tensor_bytes + swizzled(BYTES, r, c);
+  };
+  auto tap_chunk_of = [&](int stage, int k, int r, int c) {
+    return stages + stage * stage_bytes + NX * tensor_bytes + k * tap_bytes + swizzled(TAP_BYTES, r, c);
   };
   auto vectors_in = [&](int grp) { return min(SPAN, (ln.T - grp * STEPS) / VEC); };  // W % VEC == 0
   // Memory offset of the lowest w of steps t0 .. t0+VEC-1 on row i.
@@ -220,46 +237,56 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   const bool whole_band = last - first == split.band;
   auto boxed = [&](int grp) { return whole_band && vectors_in(grp) == SPAN; };
   // Thread 0 asks the TMA for a group: per tensor, the boxes of columns w0 .. w0+STEPS-1 of the block's
-  // rows (zeros outside the plane, also past its ends in w).
-  unsigned group_bytes = unsigned(NW * tap_bytes);
+  // rows (zeros outside the plane, also past its ends in w). In two calls, so that the forward's x slots,
+  // which still hold the last group's y until the TMA has read it, can come last: first the other
+  // tensors (with the byte count of the whole group), then (x_slots) the x slots.
+  unsigned group_bytes = unsigned(NW * split.staged * TAP_BYTES);  // what the boxes bring (not the padding)
 #pragma unroll
-  for (int k = 0; k < NX; ++k) group_bytes += planes[k] ? unsigned(tensor_bytes) : 0u;
+  for (int k = 0; k < NX; ++k) group_bytes += planes[k] ? unsigned(split.staged * BYTES) : 0u;
   const int tap_map_plane = (id.d * NW * s.G) + id.c / (s.C / s.G);  // tap input k's plane: + k * G
   auto first_column = [&](int grp) { return ln.reversed ? ln.T - grp * STEPS - STEPS : grp * STEPS; };
-  auto stage = [&](int grp) {
+  auto stage = [&](int grp, bool x_slots) {
     if (threadIdx.x != 0) return;
     uint64_t* bar = landed + (grp & 1);
-    mbarrier_expect(bar, group_bytes);
+    if (!x_slots) mbarrier_expect(bar, group_bytes);
     const int w0 = first_column(grp);
     for (int row = 0; row < split.rows; row += split.box_rows) {
       const int h0 = first - split.halo + row;
 #pragma unroll
       for (int k = 0; k < NX; ++k)
-        if (planes[k]) tma_load(row_of(grp & 1, k, row), map[k], w0, h0, map_plane[k], id.b, bar);
+        if (planes[k] && (k % 3 == 0) == x_slots)  // staged_x(c) = 3c
+          tma_load(row_of(grp & 1, k, row), map[k], w0, h0, map_plane[k], id.b, bar);
+      if (x_slots) continue;
 #pragma unroll
       for (int k = 0; k < NW; ++k)
         tma_load(tap_row_of(grp & 1, k, row), &maps.taps, w0, h0, tap_map_plane + k * s.G, id.b, bar);
     }
   };
   // This thread's steps grp * STEPS + j * VEC .. +VEC-1 of tensor k as float32, in memory order (rows
-  // outside the plane arrived as zeros, and a null tensor reads as zeros: unscanned rows stay finite).
+  // outside the plane arrived as zeros; a null tensor reads as whatever its slot holds, which its users
+  // select away).
   auto take = [&](int grp, int k, int j, float (&out)[VEC]) {
     const int vector = ln.reversed ? SPAN - 1 - j : j;  // the box holds w ascending
-    const Vec v = planes[k] ? reinterpret_cast<const Vec*>(row_of(grp & 1, k, staged_row))[vector] : Vec{};
+    const Vec v = *reinterpret_cast<const Vec*>(chunk_of(grp & 1, k, staged_row, vector));
 #pragma unroll
     for (int m = 0; m < VEC; ++m) out[m] = to_acc(v.v[m]);
   };
   auto take_tap = [&](int grp, int k, int j, float (&out)[VEC]) {
+    constexpr int PER_CHUNK = 16 / int(sizeof(Tap)), CHUNKS = VEC / PER_CHUNK;  // a vector's chunks
     const int vector = ln.reversed ? SPAN - 1 - j : j;
-    const Pack<Tap, VEC> v = reinterpret_cast<const Pack<Tap, VEC>*>(tap_row_of(grp & 1, k, staged_row))[vector];
 #pragma unroll
-    for (int m = 0; m < VEC; ++m) out[m] = to_acc(v.v[m]);
+    for (int c = 0; c < CHUNKS; ++c) {
+      const Pack<Tap, PER_CHUNK> v =
+          *reinterpret_cast<const Pack<Tap, PER_CHUNK>*>(tap_chunk_of(grp & 1, k, staged_row, vector * CHUNKS + c));
+#pragma unroll
+      for (int m = 0; m < PER_CHUNK; ++m) out[c * PER_CHUNK + m] = to_acc(v.v[m]);
+    }
   };
 
   // Forward: thread 0 sends group grp's y, which the band's owners wrote over their x in the stage, as one
-  // TMA box per channel (the band's rows x the group's columns, when boxed), and waits until the TMA has
-  // read it. (Each owner storing its own 16 bytes per row and vector, the warps waited on those
-  // uncoalesced stores for their registers: 10% of the stall samples, ncu, SDXL 16K level 1.)
+  // TMA box per channel (the band's rows x the group's columns, when boxed); tma_store_wait_read() before
+  // the x slots are filled again. (Each owner storing its own 16 bytes per row and vector, the warps waited
+  // on those uncoalesced stores for their registers: 10% of the stall samples, ncu, SDXL 16K level 1.)
   auto store_y = [&](int grp) {
     if (threadIdx.x != 0 || !boxed(grp)) return;
     const int w0 = first_column(grp);
@@ -267,7 +294,6 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
     for (int k = 0; k < K; ++k)
       tma_store(&maps.y, row_of(grp & 1, staged_x(k), split.halo), w0, first, id.d * s.C + id.c + k, id.b);
     tma_store_commit();
-    tma_store_wait_read();
   };
   LaneStepper<K, kAdjoint> stepper(ln, s.chunk);
   const int groups = (ln.T + STEPS - 1) / STEPS;
@@ -276,13 +302,17 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   auto scan = [&](auto reversed_flag) {
     constexpr bool kReversed = decltype(reversed_flag)::value;
     auto mem = [](int st) { return kReversed ? VEC - 1 - st : st; };  // step st's place inside a vector
-    stage(0);
+    stage(0, false);
+    stage(0, true);
     for (int grp = 0; grp < groups; ++grp) {
       if constexpr (!kAdjoint) fence_shared_for_tma();  // this thread's y of the last group
       __syncthreads();  // every thread is done with the other stage (the last group's u; y written)
       if constexpr (!kAdjoint)
         if (grp > 0) store_y(grp - 1);  // before the stage is filled again
-      if (grp + 1 < groups) stage(grp + 1);
+      if (grp + 1 < groups) stage(grp + 1, false);
+      if constexpr (!kAdjoint)
+        if (threadIdx.x == 0) tma_store_wait_read();  // the x slots (y) read: they may be filled again
+      if (grp + 1 < groups) stage(grp + 1, true);
       mbarrier_wait(landed + (grp & 1), (grp >> 1) & 1);
       const int n = vectors_in(grp);
 #pragma unroll
@@ -346,7 +376,7 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
             for (int st = 0; st < VEC; ++st)
               out.v[mem(st)] = from_acc<T>(planes[staged_x(k) + 2] ? uv[mem(st)] * h[k][st] : h[k][st]);
             if (owned && boxed(grp))
-              reinterpret_cast<Vec*>(row_of(grp & 1, staged_x(k), staged_row))[ln.reversed ? SPAN - 1 - j : j] = out;
+              *reinterpret_cast<Vec*>(chunk_of(grp & 1, staged_x(k), staged_row, ln.reversed ? SPAN - 1 - j : j)) = out;
             else if (owned)
               *reinterpret_cast<Vec*>(io.y + k * io.plane + first_of(grp * STEPS + j * VEC, i)) = out;
           }

@@ -38,8 +38,21 @@ inline decltype(&cuTensorMapEncodeTiled) encode_tiled() {
   return fn;
 }
 
+// The TMA's swizzle of boxes whose rows are `span` bytes (32, 64 or 128: CU_TENSOR_MAP_SWIZZLE_32B, 64B,
+// 128B): 16-byte chunk c of row r lands in chunk c ^ (bits 7.. of the row's byte offset), so that the
+// lanes of a warp, each reading chunk c of its own row, touch every bank once (unswizzled, rows of 32
+// bytes took 2 passes per read and rows of 64 bytes 4). The pattern repeats every 8 rows: a box must
+// start at a multiple of 8 * span bytes of shared memory.
+__host__ __device__ constexpr int swizzled(int span, int r, int c) {
+  return r * span + 16 * (c ^ ((r * span >> 7) & (span / 16 - 1)));
+}
+inline CUtensorMapSwizzle swizzle_for(int span) {
+  return span == 32 ? CU_TENSOR_MAP_SWIZZLE_32B : span == 64 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_128B;
+}
+
 // A map of `planes` H x W planes per batch item (batch items `batch_stride` elements apart), read in
-// boxes of box_w columns x box_h rows. A null tensor leaves the map unused.
+// boxes of box_w columns x box_h rows, swizzled (box_w elements of T make the span). A null tensor leaves
+// the map unused.
 template <typename T>
 cudaError_t column_map(CUtensorMap* map, const T* base, int B, long long planes, long long batch_stride, int H,
                        int W, int box_w, int box_h) {
@@ -51,8 +64,10 @@ cudaError_t column_map(CUtensorMap* map, const T* base, int B, long long planes,
   const cuuint64_t strides[3] = {W * e, cuuint64_t(H) * W * e, cuuint64_t(batch_stride) * e};
   const cuuint32_t box[4] = {cuuint32_t(box_w), cuuint32_t(box_h), 1, 1};
   const cuuint32_t unit[4] = {1, 1, 1, 1};
+  const int span = box_w * int(sizeof(T));
+  if (span != 32 && span != 64 && span != 128) return cudaErrorInvalidValue;  // no swizzle for that span
   const CUresult r = encode(map, tma_type<T>(), 4, const_cast<T*>(base), dims, strides, box, unit,
-                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle_for(span),
                             CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
