@@ -110,7 +110,8 @@ __device__ __forceinline__ void store_remote(unsigned remote, float v, unsigned 
                "r"(__float_as_uint(v)), "r"(remote_bar)
                : "memory");
 }
-// Box (w0.., h0.., plane, batch) of `map` into shared memory at dst (128-byte aligned), completing on bar.
+// Box (w0.., h0.., plane, batch) of `map` into shared memory at dst, completing on bar. dst: 128-byte
+// aligned, and a multiple of the swizzle's period (8 rows of the box) from where the pattern starts.
 __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int w0, int h0, int plane, int batch,
                                          uint64_t* bar) {
   asm volatile(
@@ -119,7 +120,7 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int 
       "l"(reinterpret_cast<uint64_t>(map)), "r"(w0), "r"(h0), "r"(plane), "r"(batch), "r"(smem_address(bar))
       : "memory");
 }
-// Box of `map` at (w0.., h0.., plane, batch) from shared memory at src (128-byte aligned), as a bulk
+// Box of `map` at (w0.., h0.., plane, batch) from shared memory at src (aligned as tma_load's dst), as a bulk
 // group of this thread. Only boxes inside the plane: one reaching past its ends in w stopped the kernel
 // with an illegal instruction (H100), where loads are clipped.
 __device__ __forceinline__ void tma_store(const CUtensorMap* map, const void* src, int w0, int h0, int plane,
