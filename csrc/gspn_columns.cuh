@@ -222,11 +222,9 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   auto tap_row_of = [&](int stage, int k, int r) {
     return stages + stage * stage_bytes + NX * tensor_bytes + k * tap_bytes + r * TAP_BYTES;
   };
-  auto chunk_of = [&](int stage, int k, int r, int c) {
-    return stages + stage * stage_bytes + k * tensor_bytes + swizzled(BYTES, r, c);
-  };
+  auto chunk_of = [&](int stage, int k, int r, int c) { return row_of(stage, k, 0) + swizzled(BYTES, r, c); };
   auto tap_chunk_of = [&](int stage, int k, int r, int c) {
-    return stages + stage * stage_bytes + NX * tensor_bytes + k * tap_bytes + swizzled(TAP_BYTES, r, c);
+    return tap_row_of(stage, k, 0) + swizzled(TAP_BYTES, r, c);
   };
   auto vectors_in = [&](int grp) { return min(SPAN, (ln.T - grp * STEPS) / VEC); };  // W % VEC == 0
   // Memory offset of the lowest w of steps t0 .. t0+VEC-1 on row i.
@@ -254,7 +252,7 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
       const int h0 = first - split.halo + row;
 #pragma unroll
       for (int k = 0; k < NX; ++k)
-        if (planes[k] && (k % 3 == 0) == x_slots)  // staged_x(c) = 3c
+        if (planes[k] && (staged_x(k / 3) == k) == x_slots)
           tma_load(row_of(grp & 1, k, row), map[k], w0, h0, map_plane[k], id.b, bar);
       if (x_slots) continue;
 #pragma unroll
