@@ -116,10 +116,13 @@ template <typename T, bool kAdjoint, int K, bool kTaps>
 cudaError_t launch_lines(const T* x, const T* gates, const float* taps, const T* lam, const T* u, T* y,
                          float* state, Shape s, Streams streams) {
   const unsigned blocks = unsigned(s.B) * 2 * s.C / K;  // (batch, direction of the pair, K channels)
-  const int threads = ((s.W + kRowQ - 1) / kRowQ + 31) / 32 * 32;
-  const size_t smem = rows_smem(threads, sizeof(T), K, kAdjoint, kTaps);
+  const int q = row_positions(s.W);
+  const int threads = ((s.W + q - 1) / q + 31) / 32 * 32;
+  const size_t smem = rows_smem(threads, q, sizeof(T), K, kAdjoint, kTaps);
   void* args[] = {&x, &gates, &taps, &lam, &u, &y, &state, &s};
-  cudaError_t err = launch(rows_scan_kernel<T, kAdjoint, K, kTaps>, blocks, threads, smem, streams.main, args);
+  auto rows = [&](auto kernel) { return launch(kernel, blocks, threads, smem, streams.main, args); };
+  cudaError_t err = q == 2 ? rows(rows_scan_kernel<T, kAdjoint, K, kTaps, 2>)
+                           : rows(rows_scan_kernel<T, kAdjoint, K, kTaps, 4>);
   return err == cudaSuccess ? launch_columns<T, kAdjoint, K, kTaps>(x, gates, taps, lam, u, y, state, s, streams.side)
                             : err;
 }
@@ -137,7 +140,7 @@ inline cudaError_t stream_wait(cudaStream_t later, cudaStream_t earlier) {
 
 // One scan of every line of every (batch, direction, channel): the forward or the adjoint (arguments as
 // rows_scan_kernel's; `taps` the scratch of gspn_api.h, or null). On sm_90 and later, 16-byte-aligned grids
-// with lines of up to 1024 positions take two launches, the row scans (4 positions per thread) and the
+// with lines of up to 1024 positions take two launches, the row scans (2 or 4 positions per thread) and the
 // column scans (clusters of blocks with one row per thread), the column scans on streams.side (gspn_api.h:
 // Streams), after the taps pass where staged_taps(s); the generic kernel takes the rest.
 // (H100, forward with the column scans on a second stream: SDXL 8K level 1 1.04 -> 0.92 ms, 16K level 1
@@ -152,7 +155,7 @@ cudaError_t launch_scan(const T* x, const T* gates, float* taps, const T* lam, c
   const long long vec = 16 / int(sizeof(T));
   const bool planes_aligned = aligned && s.W % vec == 0 && s.gates_batch_stride % vec == 0 &&
                               s.lam_batch_stride % vec == 0 && s.u_batch_stride % vec == 0;
-  if (planes_aligned && s.W <= kRowQ * kRowMaxThreads && s.H <= kBand * kColumnMaxBlocks && has_clusters()) {
+  if (planes_aligned && s.W <= kRowMaxLine && s.H <= kBand * kColumnMaxBlocks && has_clusters()) {
     const int K = channels_per_block(s.C, s.G);
     const bool staged = taps && staged_taps(s);
     cudaError_t err = staged ? launch_taps<T>(gates, taps, s, stream) : cudaSuccess;

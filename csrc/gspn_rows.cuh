@@ -1,19 +1,25 @@
-// Row scans (d = 2, 3) of 16-byte-aligned grids with rows of at most kRowMaxThreads * kRowQ positions:
-// the forward, and the backward's adjoint scan (gspn_step.cuh has both recurrences).
+// Row scans (d = 2, 3) of 16-byte-aligned grids with rows of at most kRowMaxLine positions: the forward,
+// and the backward's adjoint scan (gspn_step.cuh has both recurrences).
 //
-// A block scans the rows of one (batch, direction) in K channels of one gate group; thread k owns Q = 4
-// consecutive positions 4k .. 4k+3 of a row in each channel. Inputs travel in groups of row_group rows,
-// double-buffered with cp.async: the block copies the group's rows of every tensor into a shared tile
-// [tensor][step][position], so that a step reads its four positions with one vector load per tensor. y
-// and the float32 state go out as one contiguous row per step.
+// A block scans the rows of one (batch, direction) in K channels of one gate group; thread k owns Q
+// consecutive positions Qk .. Qk+Q-1 of a row in each channel (Q = row_positions(W)). Inputs travel in
+// groups of row_group rows, double-buffered with cp.async: the block copies the group's rows of every
+// tensor into a shared tile [tensor][step][position], so that a step reads its Q positions with one
+// vector load per tensor. y and the float32 state go out as one contiguous row per step.
 #pragma once
 
 #include "gspn_step.cuh"
 
 namespace gspn {
 
-constexpr int kRowQ = 4;
-constexpr int kRowMaxThreads = 256;  // rows of up to 1024 positions
+constexpr int kRowMaxThreads = 256;
+constexpr int kRowMaxLine = 4 * kRowMaxThreads;  // rows of up to 1024 positions
+
+// Positions per thread: 2 on rows of 257 to 512 positions (blocks of 8 warps instead of 4), else 4.
+// (H100, forward, two interleaved runs, ms: SDXL 8K level 1 0.83 -> 0.74-0.75, 16K level 2 float16
+// 1.45-1.51 -> 1.39-1.44, bfloat16 mixed; 2 or 1 positions on shorter rows made SDXL 4K level 1 slower,
+// 0.23 -> 0.24-0.27, and 2 on 1024-long rows, 16 warps a block, 16K level 1 2.68 -> 2.71.)
+inline int row_positions(int W) { return W > kRowMaxThreads && W <= 2 * kRowMaxThreads ? 2 : 4; }
 
 // Rows staged per group: 4 in the forward of 16-bit inputs, else 2. (H100, forward: SDXL 4K level 2
 // 0.167 -> 0.125 ms, 8K 3% faster, 16K level 1 equal. The adjoint with 4 took 11% longer at 16K, where
@@ -23,8 +29,8 @@ __host__ __device__ constexpr int row_group(size_t element, bool adjoint) { retu
 
 // Shared memory of rows_scan_kernel: two stages of the staged tensors x row_group rows, then the warp
 // edges. `taps`: the tap inputs are float32 weights (two tensors), else logits of `element` bytes (three).
-inline size_t rows_smem(int threads, size_t element, int K, bool adjoint, bool taps) {
-  const size_t row = size_t(kRowQ) * threads;
+inline size_t rows_smem(int threads, int Q, size_t element, int K, bool adjoint, bool taps) {
+  const size_t row = size_t(Q) * threads;
   const size_t tensors = channel_tensors(K) * element + tap_tensors(taps) * (taps ? sizeof(float) : element);
   return 2 * tensors * row_group(element, adjoint) * row + warp_edges_bytes(threads, K);
 }
@@ -32,8 +38,8 @@ inline size_t rows_smem(int threads, size_t element, int K, bool adjoint, bool t
 // Forward (kAdjoint = false): x, lam, u as in the op; writes y = u h and, when `state` is not null, h.
 // Adjoint (kAdjoint = true): x is grad_y (B, 4, C, H, W), u the op's u (may be null), lam and y unused;
 // writes gh to `state`. The tap weights come from `taps` (kTaps, gspn_taps.cuh), else from the logits in
-// `gates`. One block per (batch, row direction, K channels): B * 2 * C / K blocks.
-template <typename T, bool kAdjoint, int K, bool kTaps>
+// `gates`. One block per (batch, row direction, K channels): B * 2 * C / K blocks, of W / Q threads.
+template <typename T, bool kAdjoint, int K, bool kTaps, int Q>
 __global__ void __launch_bounds__(kRowMaxThreads)
     rows_scan_kernel(const T* __restrict__ x, const T* __restrict__ gates, const float* __restrict__ taps,
                      const T* __restrict__ lam, const T* __restrict__ u, T* __restrict__ y,
@@ -42,7 +48,7 @@ __global__ void __launch_bounds__(kRowMaxThreads)
   constexpr int RG = row_group(sizeof(T), kAdjoint);
   constexpr int NX = channel_tensors(K), NW = tap_tensors(kTaps);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int cap = kRowQ * blockDim.x;
+  const int cap = Q * blockDim.x;
   // One stage: [NX][RG][cap] of T, then [NW][RG][cap] of Tap.
   const size_t channel_bytes = size_t(NX) * RG * cap * sizeof(T);
   const size_t buffer = channel_bytes + size_t(NW) * RG * cap * sizeof(Tap);
@@ -58,9 +64,9 @@ __global__ void __launch_bounds__(kRowMaxThreads)
   ex.clear();
 
   const int groups = (ln.T + RG - 1) / RG;
-  const int i0 = kRowQ * threadIdx.x;  // first of this thread's positions
-  const bool active = i0 < ln.L;       // L = W is a multiple of 16 bytes' elements, so quads are whole
-  Stepper<kRowQ, K, kAdjoint> stepper(ln, s.chunk);
+  const int i0 = Q * threadIdx.x;  // first of this thread's positions
+  const bool active = i0 < ln.L;   // L = W is a multiple of 16 bytes' elements (and of Q)
+  Stepper<Q, K, kAdjoint> stepper(ln, s.chunk);
 
   auto tile_of = [&](int grp) { return smem_raw + (grp & 1) * buffer; };
   auto tslot = [&](unsigned char* tile, int k, int st) {
@@ -101,22 +107,22 @@ __global__ void __launch_bounds__(kRowMaxThreads)
     unsigned char* tile = tile_of(grp);
     const int t0 = grp * RG;
     // The weights and inputs of the group's rows first (independent of the state), then the steps.
-    Weights<kRowQ> wt[RG];
-    float a[RG][K][kRowQ] = {};
+    Weights<Q> wt[RG];
+    float a[RG][K][Q] = {};
 #pragma unroll
     for (int st = 0; st < RG; ++st) {
-      float tin[NW][kRowQ] = {};
+      float tin[NW][Q] = {};
       if (active && t0 + st < ln.T) {
 #pragma unroll
-        for (int k = 0; k < NW; ++k) load_pack<Tap, kRowQ>(wslot(tile, k, st) + i0, tin[k]);
+        for (int k = 0; k < NW; ++k) load_pack<Tap, Q>(wslot(tile, k, st) + i0, tin[k]);
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          load_pack<T, kRowQ>(tslot(tile, staged_x(k), st) + i0, a[st][k]);
+          load_pack<T, Q>(tslot(tile, staged_x(k), st) + i0, a[st][k]);
           if (planes[staged_x(k) + 1]) {
-            float lv[kRowQ];
-            load_pack<T, kRowQ>(tslot(tile, staged_x(k) + 1, st) + i0, lv);
+            float lv[Q];
+            load_pack<T, Q>(tslot(tile, staged_x(k) + 1, st) + i0, lv);
 #pragma unroll
-            for (int q = 0; q < kRowQ; ++q) a[st][k][q] *= lv[q];
+            for (int q = 0; q < Q; ++q) a[st][k][q] *= lv[q];
           }
         }
       }
@@ -131,20 +137,20 @@ __global__ void __launch_bounds__(kRowMaxThreads)
       if (!active) continue;
 #pragma unroll
       for (int k = 0; k < K; ++k) {
-        const float(&h)[kRowQ] = stepper.state[k];
+        const float(&h)[Q] = stepper.state[k];
         if constexpr (!kAdjoint) {
-          float out[kRowQ];
+          float out[Q];
           if (planes[staged_x(k) + 2]) {
-            load_pack<T, kRowQ>(tslot(tile, staged_x(k) + 2, st) + i0, out);
+            load_pack<T, Q>(tslot(tile, staged_x(k) + 2, st) + i0, out);
 #pragma unroll
-            for (int q = 0; q < kRowQ; ++q) out[q] *= h[q];
+            for (int q = 0; q < Q; ++q) out[q] *= h[q];
           } else {
 #pragma unroll
-            for (int q = 0; q < kRowQ; ++q) out[q] = h[q];
+            for (int q = 0; q < Q; ++q) out[q] = h[q];
           }
-          store_pack<T, kRowQ>(io.y + k * io.plane + ln.offset(t, i0), out);
+          store_pack<T, Q>(io.y + k * io.plane + ln.offset(t, i0), out);
         }
-        if (io.state) store_pack<float, kRowQ>(io.state + k * io.plane + ln.offset(t, i0), h);  // = state_offset
+        if (io.state) store_pack<float, Q>(io.state + k * io.plane + ln.offset(t, i0), h);  // = state_offset
       }
     }
   }

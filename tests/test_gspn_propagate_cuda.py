@@ -168,9 +168,20 @@ def test_random_shapes_against_reference():
         check_forward(inputs, chunk, f"{shape} chunk={chunk} {dtype} (seed {SEED})")
 
 
+# The row scans give a thread 2 positions of rows of 257 to 512 positions, else 4 (csrc/gspn_rows.cuh:
+# row_positions): 264 takes 2, 520 takes 4 over several warps, forward and adjoint.
+@pytest.mark.parametrize("shape", [(1, 2, 1, 7, 264), (2, 4, 1, 5, 520)])
+@pytest.mark.parametrize("chunk", [None, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_of_every_positions_per_thread(shape, chunk, dtype):
+    seed = SEED + hash((shape, chunk, str(dtype))) % 1000
+    check_forward(make_inputs(shape, dtype, seed=seed), chunk, f"seed {seed}")
+    check_gradients(shape, chunk, True, dtype, seed)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_long_lines_vectorised_paths(dtype):
-    # 1024-long lines take 2 positions per thread; W % 8 == 0 takes the packed column loads.
+    # 1024-long lines: 4 positions per thread in the row scans; W % 8 == 0 takes the packed column loads.
     check_forward(make_inputs((1, 2, 1, 24, 1024), dtype, seed=SEED), None, f"seed {SEED}")
 
 
