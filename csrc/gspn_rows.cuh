@@ -16,9 +16,10 @@ constexpr int kRowMaxThreads = 256;
 constexpr int kRowMaxLine = 4 * kRowMaxThreads;  // rows of up to 1024 positions
 
 // Positions per thread: 2 on rows of 257 to 512 positions (blocks of 8 warps instead of 4), else 4.
-// (H100, forward, two interleaved runs, ms: SDXL 8K level 1 0.83 -> 0.74-0.75, 16K level 2 float16
-// 1.45-1.51 -> 1.39-1.44, bfloat16 mixed; 2 or 1 positions on shorter rows made SDXL 4K level 1 slower,
-// 0.23 -> 0.24-0.27, and 2 on 1024-long rows, 16 warps a block, 16K level 1 2.68 -> 2.71.)
+// (H100, the forward alone, four interleaved runs, ms: SDXL 8K level 1 0.82-0.84 -> 0.74-0.75, 16K level
+// 2 1.43-1.45 -> 1.39-1.40, the other SDXL shapes equal. On shorter rows 1 or 2 positions were mixed, 4K
+// level 1 0.23 -> 0.24-0.27 but 8K level 2 0.39 -> 0.36 with 2; 2 on 1024-long rows, 16 warps a block,
+// 16K level 1 2.68 -> 2.71.)
 inline int row_positions(int W) { return W > kRowMaxThreads && W <= 2 * kRowMaxThreads ? 2 : 4; }
 
 // Rows staged per group: 4 in the forward of 16-bit inputs, else 2. (H100, forward: SDXL 4K level 2

@@ -151,6 +151,10 @@ def test_gradients_match_reference(shape, chunk, with_u, dtype):
 @pytest.mark.parametrize("chunk", [None, 7])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tall_columns_split_over_a_cluster(shape, chunk, dtype):
+    check_forward_and_gradients(shape, chunk, dtype)
+
+
+def check_forward_and_gradients(shape, chunk, dtype):
     seed = SEED + hash((shape, chunk, str(dtype))) % 1000
     check_forward(make_inputs(shape, dtype, seed=seed), chunk, f"seed {seed}")
     check_gradients(shape, chunk, True, dtype, seed)
@@ -174,9 +178,7 @@ def test_random_shapes_against_reference():
 @pytest.mark.parametrize("chunk", [None, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rows_of_every_positions_per_thread(shape, chunk, dtype):
-    seed = SEED + hash((shape, chunk, str(dtype))) % 1000
-    check_forward(make_inputs(shape, dtype, seed=seed), chunk, f"seed {seed}")
-    check_gradients(shape, chunk, True, dtype, seed)
+    check_forward_and_gradients(shape, chunk, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
