@@ -4,8 +4,9 @@ The CUDA backward stores two float32 states per (batch, direction, channel, posi
 and the adjoint's gh, and at SDXL sizes they are most of a training step's bytes (README, GPU
 benchmarks). This emulates, on the CPU in float64, a backward whose scans still accumulate in full
 precision but whose stored copy of h, of gh or of both is rounded to the input dtype before the gradient
-pass uses it, and prints per input the ratio of its gradient's error (against float64) to the error of
-the reference run in that dtype: the ratio tests/test_gspn_propagate_cuda.py bounds by 2.
+pass uses it, and prints per input the median and the largest, over SHAPES x SEEDS, of the ratio of its
+gradient's error (against float64) to the error of the reference run in that dtype: the ratio
+tests/test_gspn_propagate_cuda.py bounds by 2. (Nothing rounded, every ratio is 1.00.)
 
     python benchmarks/probes/state_precision.py
 """
@@ -20,10 +21,11 @@ import torch.nn.functional as F
 
 from gspn_diffusers.ops.reference import from_lines, gspn_propagate_reference, normalized_taps, to_lines
 
-# (B, C, G, H, W) as in the CUDA tests, and one SDXL-like group of 80 channels; inputs drawn as there.
-SHAPES = [(2, 6, 3, 5, 8), (1, 4, 1, 33, 16), (2, 8, 2, 17, 64), (2, 16, 1, 40, 64), (1, 20, 1, 9, 16),
-          (2, 5, 1, 12, 32), (1, 80, 1, 24, 24)]
-SEEDS = range(6)
+# (B, C, G, H, W) of the sizes the CUDA tests use, their smallest (a 1 x 8 grid, where one rounding
+# weighs most) included, and one SDXL-like group of 80 channels; inputs drawn as there.
+SHAPES = [(1, 2, 1, 1, 8), (2, 6, 3, 5, 8), (1, 4, 1, 33, 16), (1, 8, 8, 16, 16), (3, 4, 2, 33, 24),
+          (2, 5, 1, 12, 32), (2, 8, 2, 17, 64), (1, 80, 1, 24, 24)]
+SEEDS = range(20)
 NAMES = ["x", "gates", "lam", "u"]
 
 
