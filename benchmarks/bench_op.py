@@ -6,8 +6,9 @@ backward (training forward, which also writes the state h when u is given, plus 
 and outputs), and the forward's speed-up over the PyTorch reference run on the same GPU. The CUDA op is
 timed from a CUDA graph (GPU time only); the reference eagerly, as a user runs it. Every case is timed
 in several rounds over all the cases, every other round in reverse order, and its fastest round counts:
-a case timed right after a heavy one can be slowed by it (H100: SDXL 16K level 2 1.39 ms alone, 1.62 ms
-in one pass of the table).
+a case's time can depend on what the run did before it (H100: SDXL 16K level 2 1.55-1.62 ms in the
+forward passes of the table, 1.40 ms in the reverse one and when timed alone, also right after any one
+of its neighbours in the table).
 
     python benchmarks/bench_op.py                 # all cases
     python benchmarks/bench_op.py --quick         # a short subset
