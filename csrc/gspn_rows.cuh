@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kRowMaxThreads)
           }
           store_pack<T, Q>(io.y + k * io.plane + ln.offset(t, i0), out);
         }
-        if (io.state) store_pack<float, Q>(io.state + k * io.plane + ln.offset(t, i0), h);  // = state_offset
+        if (io.state) store_streaming<Q>(io.state + k * io.plane + ln.offset(t, i0), h);  // = state_offset
       }
     }
   }
