@@ -361,7 +361,7 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
 #pragma unroll
             for (int m = 0; m < VEC; m += 4) {
               const float v[4] = {h[k][mem(m)], h[k][mem(m + 1)], h[k][mem(m + 2)], h[k][mem(m + 3)]};
-              store_streaming<4>(io.state + k * io.plane + (w0 + m) * ln.L + 4 * i, v);  // = state_offset
+              store_streaming<float, 4>(io.state + k * io.plane + (w0 + m) * ln.L + 4 * i, v);  // = state_offset
             }
         }
         if constexpr (!kAdjoint) {  // y = u h, in place of the vector's x (store_y sends it)

@@ -138,19 +138,19 @@ __device__ __forceinline__ void store_pack(T* p, const float (&in)[N]) {
   *reinterpret_cast<Pack<T, N>*>(p) = v;
 }
 
-// store_pack of float32 values as a streaming store (st.global.cs): L2 evicts these lines first. For the
-// float32 states, which only a later kernel reads: the column scans that also write h (the training
-// forward) lost fewer of the staged inputs' lines from L2 (H100, SDXL 16K level 1: 3.04 -> 2.83 ms).
-template <int N>
-__device__ __forceinline__ void store_streaming(float* p, const float (&in)[N]) {
-  if constexpr (N == 4) {
-    __stcs(reinterpret_cast<float4*>(p), make_float4(in[0], in[1], in[2], in[3]));
-  } else if constexpr (N == 2) {
-    __stcs(reinterpret_cast<float2*>(p), make_float2(in[0], in[1]));
-  } else {
+// store_pack as a streaming store (st.global.cs): L2 evicts these lines first. For what the scans write
+// and only a later kernel reads (y, the float32 states), so that L2 keeps the input lines the scans still
+// need: the column scans of the training forward, which also write h, took 3.04 -> 2.83 ms with the
+// states' stores streaming (H100, SDXL 16K level 1; gspn_tma.cuh: tma_store for y).
+template <typename T, int N>
+__device__ __forceinline__ void store_streaming(T* p, const float (&in)[N]) {
+  Pack<T, N> v;
 #pragma unroll
-    for (int q = 0; q < N; ++q) __stcs(p + q, in[q]);
-  }
+  for (int q = 0; q < N; ++q) v.v[q] = from_acc<T>(in[q]);
+  if constexpr (sizeof(v) == 16) __stcs(reinterpret_cast<uint4*>(p), *reinterpret_cast<const uint4*>(&v));
+  else if constexpr (sizeof(v) == 8) __stcs(reinterpret_cast<uint2*>(p), *reinterpret_cast<const uint2*>(&v));
+  else if constexpr (sizeof(v) == 4) __stcs(reinterpret_cast<unsigned*>(p), *reinterpret_cast<const unsigned*>(&v));
+  else *reinterpret_cast<Pack<T, N>*>(p) = v;
 }
 
 // Reads the values of scan steps t0 .. t0+VEC-1 at line index i into out[0..VEC).

@@ -149,9 +149,9 @@ __global__ void __launch_bounds__(kRowMaxThreads)
 #pragma unroll
             for (int q = 0; q < Q; ++q) out[q] = h[q];
           }
-          store_pack<T, Q>(io.y + k * io.plane + ln.offset(t, i0), out);
+          store_streaming<T, Q>(io.y + k * io.plane + ln.offset(t, i0), out);
         }
-        if (io.state) store_streaming<Q>(io.state + k * io.plane + ln.offset(t, i0), h);  // = state_offset
+        if (io.state) store_streaming<float, Q>(io.state + k * io.plane + ln.offset(t, i0), h);  // = state_offset
       }
     }
   }

@@ -98,6 +98,12 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, unsigned parity) {
       "r"(parity)
       : "memory");
 }
+// An L2 cache policy under which the lines an access touches are evicted first.
+__device__ __forceinline__ uint64_t l2_policy_evict_first() {
+  uint64_t p;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
+  return p;
+}
 // The address of a shared-memory location (32-bit, this block's) in block `rank` of the cluster.
 __device__ __forceinline__ unsigned cluster_address(unsigned address, int rank) {
   unsigned remote;
@@ -122,13 +128,16 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int 
 }
 // Box of `map` at (w0.., h0.., plane, batch) from shared memory at src (aligned as tma_load's dst), as a bulk
 // group of this thread. Only boxes inside the plane: one reaching past its ends in w stopped the kernel
-// with an illegal instruction (H100), where loads are clipped.
+// with an illegal instruction (H100), where loads are clipped. Evicted from L2 first: nothing here reads y
+// again, while the input lines that the 128-byte L2 promotion of the loads brought in serve the next
+// groups (H100, SDXL 16K level 1 column scans: 3.30 -> 2.62 GB read from DRAM, 1.72 -> 1.58 ms).
 __device__ __forceinline__ void tma_store(const CUtensorMap* map, const void* src, int w0, int h0, int plane,
                                           int batch) {
-  asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
-                   reinterpret_cast<uint64_t>(map)),
-               "r"(smem_address(src)), "r"(w0), "r"(h0), "r"(plane), "r"(batch)
-               : "memory");
+  asm volatile(
+      "cp.async.bulk.tensor.4d.global.shared::cta.bulk_group.L2::cache_hint [%0, {%2, %3, %4, %5}], [%1], %6;\n" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(smem_address(src)), "r"(w0), "r"(h0), "r"(plane), "r"(batch), "l"(l2_policy_evict_first())
+      : "memory");
 }
 __device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // Until this thread's bulk groups have read their shared memory (`read`), or are done.
