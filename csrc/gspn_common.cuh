@@ -131,11 +131,16 @@ __device__ __forceinline__ void load_pack(const T* p, float (&out)[N]) {
 }
 
 template <typename T, int N>
-__device__ __forceinline__ void store_pack(T* p, const float (&in)[N]) {
+__device__ __forceinline__ Pack<T, N> pack_of(const float (&in)[N]) {
   Pack<T, N> v;
 #pragma unroll
   for (int q = 0; q < N; ++q) v.v[q] = from_acc<T>(in[q]);
-  *reinterpret_cast<Pack<T, N>*>(p) = v;
+  return v;
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_pack(T* p, const float (&in)[N]) {
+  *reinterpret_cast<Pack<T, N>*>(p) = pack_of<T, N>(in);
 }
 
 // store_pack as a streaming store (st.global.cs): L2 evicts these lines first. For what the scans write
@@ -144,9 +149,7 @@ __device__ __forceinline__ void store_pack(T* p, const float (&in)[N]) {
 // states' stores streaming (H100, SDXL 16K level 1; gspn_tma.cuh: tma_store for y).
 template <typename T, int N>
 __device__ __forceinline__ void store_streaming(T* p, const float (&in)[N]) {
-  Pack<T, N> v;
-#pragma unroll
-  for (int q = 0; q < N; ++q) v.v[q] = from_acc<T>(in[q]);
+  const Pack<T, N> v = pack_of<T, N>(in);
   if constexpr (sizeof(v) == 16) __stcs(reinterpret_cast<uint4*>(p), *reinterpret_cast<const uint4*>(&v));
   else if constexpr (sizeof(v) == 8) __stcs(reinterpret_cast<uint2*>(p), *reinterpret_cast<const uint2*>(&v));
   else if constexpr (sizeof(v) == 4) __stcs(reinterpret_cast<unsigned*>(p), *reinterpret_cast<const unsigned*>(&v));

@@ -151,8 +151,9 @@ __device__ __forceinline__ void stage_inputs(InputStage<T>& stage, const T* lam,
 }
 
 // Shared memory of gradients_kernel<T, GG, P>.
-inline size_t gradients_smem(int P, size_t element) {
-  return P != 4 ? 0 : 2 * sizeof(StateStage) + (element == 2 ? 2 * sizeof(InputStage<__half>) : 0);
+template <typename T>
+size_t gradients_smem(int P) {
+  return P != 4 ? 0 : 2 * sizeof(StateStage) + (kStagesInputs<T> ? 2 * sizeof(InputStage<T>) : 0);
 }
 
 // gy, glam, gu: (B, 4, C, H, W), dense; h, gh: the float32 states (Lines::state_offset); gx like x; ggates:

@@ -209,7 +209,7 @@ cudaError_t launch_backward(const T* gy, const T* x, const T* gates, const T* la
   const int64_t blocks = int64_t(s.B) * s.G * gradient_slices(s) * gradient_tiles(s, P);
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const unsigned threads = 32 * kGradRows;
-  const size_t smem = gradients_smem(P, sizeof(T));
+  const size_t smem = gradients_smem<T>(P);
   if (summed)
     return by_four ? launch(gradients_kernel<T, float, 4>, unsigned(blocks), threads, smem, stream, args)
                    : launch(gradients_kernel<T, float, 1>, unsigned(blocks), threads, smem, stream, args);
