@@ -35,7 +35,13 @@ constexpr int kColumnMaxBlocks = 4;  // columns of up to 1024 rows
 constexpr int kLaneHalo = 4;
 constexpr int kLaneRows = 32 - 2 * kLaneHalo;   // rows a warp owns
 constexpr int kColumnRows = kBand + 2 * kHalo;  // rows a block scans, at most
-constexpr int kColumnMaxThreads = (kColumnRows + kLaneRows - 1) / kLaneRows * 32;
+constexpr int kColumnMaxThreads = (kColumnRows + kLaneRows - 1) / kLaneRows * 32 + 32;  // + the TMA warp
+// Registers a thread of the column scans may take: a block of 12 warps (256 rows and the TMA warp) then
+// fits beside two 64-thread row-scan blocks of 160 registers, as the SDXL 4K level 1 forward runs them
+// (H100: 0.206 ms at 112 registers, 0.28 ms at 128, where such multiprocessors could not take it; the
+// forward's float16 kernels spill 16 bytes).
+constexpr int kColumnRegisters = 112;
+static_assert(kColumnMaxThreads * kColumnRegisters <= 64 * 1024, "a block of the column scans fits the registers");
 
 // Bytes per row and channel tensor that a group of steps moves: 64 where both stages fit in shared memory,
 // else 16 steps (a halo's worth), else 32 bytes; float32 tap weights take sizeof(float) / sizeof(T) times
@@ -57,7 +63,7 @@ __host__ __device__ constexpr int column_steps() { return column_bytes<T, K, kTa
 // How the blocks of one column plane split it: `cluster` blocks of `band` rows each (the last may hold
 // fewer), each scanning `halo` more rows on either side with `warps` warps of kLaneRows rows (`rows`,
 // from its first halo row on); a block stages them in one or two TMA boxes of `box_rows` rows, a multiple
-// of 8 (the swizzle's period), `staged` rows in all.
+// of 8 (the swizzle's period), `staged` rows in all. One more warp issues the TMA copies.
 struct ColumnSplit {
   int cluster, band, halo, warps, rows, box_rows, staged;
   __host__ __device__ explicit ColumnSplit(int H)
@@ -68,7 +74,7 @@ struct ColumnSplit {
         rows(warps * kLaneRows),
         box_rows(rows <= 256 ? rows : (rows / 2 + 7) / 8 * 8),
         staged(rows <= 256 ? rows : 2 * box_rows) {}
-  __host__ __device__ int threads() const { return 32 * warps; }
+  __host__ __device__ int threads() const { return 32 * (warps + 1); }
 };
 
 // Bytes of one staged tensor in one stage (a multiple of 1024, so that every box starts at a multiple of
@@ -98,7 +104,7 @@ size_t columns_smem(const ColumnSplit& split) {
 // Launched in clusters of ColumnSplit(H).cluster blocks, one cluster per (batch, column direction, K
 // channels).
 template <typename T, bool kAdjoint, int K, bool kTaps>
-__global__ void __launch_bounds__(kColumnMaxThreads)
+__global__ void __maxnreg__(kColumnRegisters)
     columns_scan_kernel(const __grid_constant__ ColumnMaps maps, const T* __restrict__ x,
                         const T* __restrict__ gates, const float* __restrict__ taps, const T* __restrict__ lam,
                         const T* __restrict__ u, T* __restrict__ y, float* __restrict__ state, Shape s) {
@@ -146,6 +152,15 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   }
   const int first = rank * split.band, last = min(ln.L, first + split.band);  // the band this block owns
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  // Warps 0 .. split.warps - 1 scan; the last one, the TMA warp, only issues the copies (its lane 0), so
+  // that no scanning warp waits for the TMA and holds the others back at the next lane refresh.
+  const bool tma_warp = warp == split.warps;
+  const int scanners = 32 * split.warps, everyone = scanners + 32;
+  // Named barriers 2 and 3: every warp of the block is done with stage 0 or 1 (the TMA warp waits).
+  auto stage_free = [&](int grp, bool wait) {
+    if (grp & 1) wait ? barrier_sync<3>(everyone) : barrier_arrive<3>(everyone);
+    else wait ? barrier_sync<2>(everyone) : barrier_arrive<2>(everyone);
+  };
   const int r = warp * kLaneRows + lane - kLaneHalo;  // this lane's row among the block's staged rows
   const int i = first - split.halo + r;               // and in the plane
   const bool scanned = i >= 0 && i < ln.L && r >= 0 && i < last + split.halo;
@@ -202,7 +217,7 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
       if (top >= 0 && top < kLaneHalo) at(warp, 0, top, k) = h[k][0];
       if (bottom >= 0 && bottom < kLaneHalo) at(warp, 1, bottom, k) = h[k][0];
     }
-    __syncthreads();
+    barrier_sync<1>(scanners);  // named barrier 1: the scanning warps
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       if (lane < kLaneHalo && warp > 0) h[k][0] = at(warp - 1, 1, lane, k);
@@ -234,7 +249,7 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   // ends in w stopped the kernel with an illegal instruction on the H100; loads are clipped.)
   const bool whole_band = last - first == split.band;
   auto boxed = [&](int grp) { return whole_band && vectors_in(grp) == SPAN; };
-  // Thread 0 asks the TMA for a group: per tensor, the boxes of columns w0 .. w0+STEPS-1 of the block's
+  // The TMA warp asks the TMA for a group: per tensor, the boxes of columns w0 .. w0+STEPS-1 of the block's
   // rows (zeros outside the plane, also past its ends in w). In two calls, so that the forward's x slots,
   // which still hold the last group's y until the TMA has read it, can come last: first the other
   // tensors (with the byte count of the whole group), then (x_slots) the x slots.
@@ -244,7 +259,6 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   const int tap_map_plane = (id.d * NW * s.G) + id.c / (s.C / s.G);  // tap input k's plane: + k * G
   auto first_column = [&](int grp) { return ln.reversed ? ln.T - grp * STEPS - STEPS : grp * STEPS; };
   auto stage = [&](int grp, bool x_slots) {
-    if (threadIdx.x != 0) return;
     uint64_t* bar = landed + (grp & 1);
     if (!x_slots) mbarrier_expect(bar, group_bytes);
     const int w0 = first_column(grp);
@@ -281,12 +295,12 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
     }
   };
 
-  // Forward: thread 0 sends group grp's y, which the band's owners wrote over their x in the stage, as one
+  // Forward: the TMA warp sends group grp's y, which the band's owners wrote over their x in the stage, as one
   // TMA box per channel (the band's rows x the group's columns, when boxed); tma_store_wait_read() before
   // the x slots are filled again. (Each owner storing its own 16 bytes per row and vector, the warps waited
   // on those uncoalesced stores for their registers: 10% of the stall samples, ncu, SDXL 16K level 1.)
   auto store_y = [&](int grp) {
-    if (threadIdx.x != 0 || !boxed(grp)) return;
+    if (!boxed(grp)) return;
     const int w0 = first_column(grp);
 #pragma unroll
     for (int k = 0; k < K; ++k)
@@ -295,22 +309,33 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
   };
   LaneStepper<K, kAdjoint> stepper(ln, s.chunk);
   const int groups = (ln.T + STEPS - 1) / STEPS;
+  if (tma_warp) {
+    if (lane == 0) stage(0, false), stage(0, true);
+    for (int grp = 0; grp < groups; ++grp) {
+      // Group grp + 1 goes into the stage of grp - 1 once every scanning warp is done with that group.
+      if (grp > 0) stage_free(grp - 1, true);
+      if (lane == 0) {
+        if constexpr (!kAdjoint)
+          if (grp > 0) store_y(grp - 1);  // before the stage is filled again
+        if (grp + 1 < groups) {
+          stage(grp + 1, false);
+          if constexpr (!kAdjoint) tma_store_wait_read();  // the x slots (y) read: they may be filled again
+          stage(grp + 1, true);
+        }
+      }
+      __syncwarp();
+    }
+    stage_free(groups - 1, true);
+    if constexpr (!kAdjoint)
+      if (lane == 0) store_y(groups - 1), tma_store_wait();
+    return;
+  }
   // Reversed lines walk each vector from its end: the body is compiled once per order so that every
   // register index stays a compile-time constant.
   auto scan = [&](auto reversed_flag) {
     constexpr bool kReversed = decltype(reversed_flag)::value;
     auto mem = [](int st) { return kReversed ? VEC - 1 - st : st; };  // step st's place inside a vector
-    stage(0, false);
-    stage(0, true);
     for (int grp = 0; grp < groups; ++grp) {
-      if constexpr (!kAdjoint) fence_shared_for_tma();  // this thread's y of the last group
-      __syncthreads();  // every thread is done with the other stage (the last group's u; y written)
-      if constexpr (!kAdjoint)
-        if (grp > 0) store_y(grp - 1);  // before the stage is filled again
-      if (grp + 1 < groups) stage(grp + 1, false);
-      if constexpr (!kAdjoint)
-        if (threadIdx.x == 0) tma_store_wait_read();  // the x slots (y) read: they may be filled again
-      if (grp + 1 < groups) stage(grp + 1, true);
       mbarrier_wait(landed + (grp & 1), (grp >> 1) & 1);
       const int n = vectors_in(grp);
 #pragma unroll
@@ -380,12 +405,8 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
           }
         }
       }
-    }
-    if constexpr (!kAdjoint) {  // the last group's y
-      fence_shared_for_tma();
-      __syncthreads();
-      store_y(groups - 1);
-      if (threadIdx.x == 0) tma_store_wait();
+      if constexpr (!kAdjoint) fence_shared_for_tma();  // this thread's y, for the TMA warp's store
+      stage_free(grp, false);
     }
   };
   if (ln.reversed) scan(Flag<true>{});

@@ -145,6 +145,16 @@ __device__ __forceinline__ void tma_store_wait_read() { asm volatile("cp.async.b
 __device__ __forceinline__ void tma_store_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 // Makes this thread's shared-memory writes visible to the TMA (the async proxy).
 __device__ __forceinline__ void fence_shared_for_tma() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Named barrier kId (1 to 15; 0 is __syncthreads) of `threads` threads (whole warps): wait for them all,
+// or only count this warp's arrival (its earlier shared-memory writes are visible to the waiters).
+template <int kId>
+__device__ __forceinline__ void barrier_sync(int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"n"(kId), "r"(threads) : "memory");
+}
+template <int kId>
+__device__ __forceinline__ void barrier_arrive(int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"n"(kId), "r"(threads) : "memory");
+}
 #endif
 
 }  // namespace gspn
