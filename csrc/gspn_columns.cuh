@@ -11,7 +11,7 @@
 // through distributed shared memory: one exchange per kHalo steps, not one per step (an exchange with
 // cluster.sync() costs about 1 us, benchmarks/probes/cluster_exchange.cu), and as remote stores counted
 // on the receiver's mbarrier rather than a cluster barrier. Inputs arrive through the TMA
-// (gspn_tma.cuh).
+// (gspn_tma.cuh), asked for by a warp of the block that does nothing else (the TMA warp).
 //
 // Inside a block the warps need no barrier per step either: warp w's lanes hold rows w * kLaneRows -
 // kLaneHalo + lane (one row per lane, Q = 1, in each of the K channels of one gate group the block scans),
