@@ -307,7 +307,6 @@ __global__ void __maxnreg__(kColumnRegisters)
       tma_store(&maps.y, row_of(grp & 1, staged_x(k), split.halo), w0, first, id.d * s.C + id.c + k, id.b);
     tma_store_commit();
   };
-  LaneStepper<K, kAdjoint> stepper(ln, s.chunk);
   const int groups = (ln.T + STEPS - 1) / STEPS;
   if (tma_warp) {
     if (lane == 0) stage(0, false), stage(0, true);
@@ -330,6 +329,7 @@ __global__ void __maxnreg__(kColumnRegisters)
       if (lane == 0) store_y(groups - 1), tma_store_wait();
     return;
   }
+  LaneStepper<K, kAdjoint> stepper(ln, s.chunk);
   // Reversed lines walk each vector from its end: the body is compiled once per order so that every
   // register index stays a compile-time constant.
   auto scan = [&](auto reversed_flag) {
