@@ -1,4 +1,4 @@
-# make test: create .venv (reused when present), install gspn-diffusers with its test extra, run pytest.
+# make test: create .venv (reused when present), install gspn-diffusers with its test extra, lint, run pytest.
 #
 # A Python that already has torch (a GPU machine) keeps it: the venv then sees the system packages.
 # Elsewhere TORCH_SPEC is installed first (torch==2.13.0 is the CPU build this project's CI image has
@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 test: $(STAMP)
+	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q
 
 # The tiny random SDXL with a fresh GSPN adapter makes a 1024x1024 image (4x its base) through

@@ -97,6 +97,12 @@ QUICK = {"paper G=C", "paper G=1", "SDXL 8K L1", "SDXL 8K L2"}
 def run_case(shape, dtype, chunk, with_u, with_reference) -> dict:
     """One timing of a case: milliseconds and bytes of the forward, of forward + backward, and of the
     reference's forward (None without it)."""
+    result = _measure(shape, dtype, chunk, with_u, with_reference)
+    torch.cuda.empty_cache()  # the case's tensors are gone with _measure's frame
+    return result
+
+
+def _measure(shape, dtype, chunk, with_u, with_reference) -> dict:
     batch, channels, groups, height, width = shape
     x, gates, lam, u = case_inputs(batch, channels, groups, height, width, dtype, with_u)
     fwd = lambda: gspn_propagate(x, gates, lam, u, chunk_size=chunk, backend="cuda")  # noqa: E731
@@ -124,8 +130,6 @@ def run_case(shape, dtype, chunk, with_u, with_reference) -> dict:
         with torch.no_grad():
             ref = lambda: gspn_propagate(x, gates, lam, u, chunk_size=chunk, backend="reference")  # noqa: E731
             ref_ms = bench(ref, reps=2, warmup=1, graph=False)  # as a user runs it
-    del x, gates, lam, u, y, grad_y, params
-    torch.cuda.empty_cache()
     return {"fwd_ms": fwd_ms, "fwd_bytes": fwd_bytes, "train_ms": train_ms, "train_bytes": train_bytes,
             "ref_ms": ref_ms}
 

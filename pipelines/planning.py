@@ -414,4 +414,3 @@ def shrink_stage(stage: StagePlan, cfg: bool, batch: int, memory: MemoryModel, v
     return _make_stage(stage.index, (stage.height, stage.width), stage.strength,
                       (stage.steps, stage.schedule_steps), stage.upsample_guidance,
                       (tile, sequential, predicted), vae_factor)
-    return new

@@ -7,7 +7,7 @@ from pathlib import Path
 import PIL.Image
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "generate_16k.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "generate_16k.py"
 
 
 @pytest.fixture(scope="module")
