@@ -206,38 +206,67 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_previous() { asm volatile("cp.async.wait_group 1;\n" ::); }
 
-__device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + __expf(-v)); }
-
 // Stability-context normalisation: s_k = sigmoid(logit_k); the taps that would read outside the line
 // are dropped (k = 0 at i = 0, k = 2 at i = L-1); w_k = s_k / sum(s). Rows of the propagation matrix
 // then sum to one.
-template <typename A>
-struct Taps {
-  A s[3];
-  A inv_sum;
-  __device__ __forceinline__ Taps(A g0, A g1, A g2, bool has_left, bool has_right) {
-    s[0] = sigmoid(g0);  // computed, then dropped: no branch around the exponential
-    s[1] = sigmoid(g1);
-    s[2] = sigmoid(g2);
-    s[0] = has_left ? s[0] : A(0);
-    s[2] = has_right ? s[2] : A(0);
-    inv_sum = A(1) / (s[0] + s[1] + s[2]);
+//
+// Both forms below compute d_k = e^b (1 + e^{-logit_k}) = e^b / s_k, for a shift b common to a position's
+// taps, so that any finite logits give finite weights: b = 0 while the largest kept logit m is at least
+// -kShiftBelow (then d_k = 1 + e^{-logit_k}, the plain form), else b = m, where e^b < e^-20 is dropped
+// beside e^{b - logit_k} >= 1 (weights move by less than 1e-8 relative). Without the shift, logits below
+// about -88 on every kept tap overflow e^{-logit} and give 0/0. Exponents b - logit_k above kLowestLogit
+// are lowered to it so that the products below stay finite: such a tap's weight is below e^-20 either way.
+constexpr float kShiftBelow = 20.f;
+constexpr float kLowestLogit = 40.f;
+
+struct TapShift {
+  float b, one;  // the shift b, and e^b where b = 0 (1), else 0
+  __device__ __forceinline__ TapShift(float g0, float g1, float g2, bool has_left, bool has_right) {
+    const float m = fmaxf(fmaxf(has_left ? g0 : g1, g1), has_right ? g2 : g1);
+    const bool low = m < -kShiftBelow;
+    b = low ? m : 0.f;
+    one = low ? 0.f : 1.f;
   }
-  __device__ __forceinline__ A w(int k) const { return s[k] * inv_sum; }
+  // e^{b - logit}: d = one + exp_of(logit).
+  __device__ __forceinline__ float exp_of(float g) const { return __expf(fminf(b - g, kLowestLogit)); }
 };
 
-// The weights w_k alone, for the scans, in fewer multi-function-unit operations: with d_k = 1 +
-// exp(-logit_k), s_k = 1 / d_k, so w_k = prod_{j != k} d_j / sum_m prod_{j != m} d_j: three exponentials
-// and one reciprocal where Taps takes three and four (H100, forward column scans: paper float16 2.24 ->
-// 2.01 ms, SDXL 16K level 1 2.16 -> 2.07 ms). A dropped tap leaves the products (its d counts as 1).
-// Logits below -kLowestLogit count as -kLowestLogit so that the products stay finite; that moves a
-// weight by less than 1e-17 unless all of a position's kept taps are below it.
-constexpr float kLowestLogit = 40.f;
+// The weights and each tap's 1 - s_k = sigmoid(-logit_k), for the gate gradients:
+// dL/dlogit_k = (1 - s_k) w_k (dL/dw_k - sum_j w_j dL/dw_j).
+struct Taps {
+  float w[3];
+  float rest[3];  // 1 - s_k
+  __device__ __forceinline__ Taps(float g0, float g1, float g2, bool has_left, bool has_right) {
+    const TapShift shift(g0, g1, g2, has_left, has_right);
+    const float g[3] = {g0, g1, g2};
+    float e[3], q[3];  // e^{b - logit_k} and e^-b s_k = 1 / d_k
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      e[k] = shift.exp_of(g[k]);  // computed for the dropped taps too, then dropped: no branch around it
+      q[k] = 1.f / (shift.one + e[k]);
+    }
+    q[0] = has_left ? q[0] : 0.f;  // a dropped tap's 1 / d may be infinite where b = m
+    q[2] = has_right ? q[2] : 0.f;
+    const float inv_sum = 1.f / (q[0] + q[1] + q[2]);
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      w[k] = q[k] * inv_sum;
+      rest[k] = e[k] * q[k];  // e / (e^b + e) = 1 - s_k; 0 for a dropped tap
+    }
+  }
+};
+
+// The weights w_k alone, for the scans, in fewer multi-function-unit operations: s_k = e^b / d_k, so
+// w_k = prod_{j != k} d_j / sum_m prod_{j != m} d_j: three exponentials and one reciprocal where Taps takes
+// three and four (H100, forward column scans: paper float16 2.24 -> 2.01 ms, SDXL 16K level 1 2.16 ->
+// 2.07 ms). A dropped tap leaves the products (its d counts as 1). Each d_k lies in [1, 1 + e^40], so the
+// products stay below 6e34.
 __device__ __forceinline__ void tap_weights(float g0, float g1, float g2, bool has_left, bool has_right,
                                             float (&w)[3]) {
-  const float d0 = has_left ? 1.f + __expf(fminf(-g0, kLowestLogit)) : 1.f;
-  const float d1 = 1.f + __expf(fminf(-g1, kLowestLogit));
-  const float d2 = has_right ? 1.f + __expf(fminf(-g2, kLowestLogit)) : 1.f;
+  const TapShift shift(g0, g1, g2, has_left, has_right);
+  const float d0 = has_left ? shift.one + shift.exp_of(g0) : 1.f;
+  const float d1 = shift.one + shift.exp_of(g1);
+  const float d2 = has_right ? shift.one + shift.exp_of(g2) : 1.f;
   const float p0 = has_left ? d1 * d2 : 0.f, p1 = d0 * d2, p2 = has_right ? d0 * d1 : 0.f;
   const float r = 1.f / (p0 + p1 + p2);
   w[0] = p0 * r, w[1] = p1 * r, w[2] = p2 * r;

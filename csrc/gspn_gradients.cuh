@@ -299,12 +299,12 @@ __global__ void __launch_bounds__(32 * kGradRows, 2)
     for (int p = 0; p < P; ++p) {
       int t, i;
       ln.locate(hh, w0 + p, t, i);
-      const Taps<float> taps(g0[p], g1[p], g2[p], i > 0, i < ln.L - 1);
-      const float mean = taps.w(0) * gw[d][0][p] + taps.w(1) * gw[d][1][p] + taps.w(2) * gw[d][2][p];
+      const Taps taps(g0[p], g1[p], g2[p], i > 0, i < ln.L - 1);
+      const float mean = taps.w[0] * gw[d][0][p] + taps.w[1] * gw[d][1][p] + taps.w[2] * gw[d][2][p];
       const bool restart = t % s.chunk == 0;  // nothing propagates into a chunk's first line
 #pragma unroll
       for (int k = 0; k < 3; ++k)
-        v[k][p] = restart ? 0.f : taps.s[k] * (1.f - taps.s[k]) * taps.inv_sum * (gw[d][k][p] - mean);
+        v[k][p] = restart ? 0.f : taps.rest[k] * taps.w[k] * (gw[d][k][p] - mean);
     }
     GG* out = ggates + ((int64_t(b) * 4 + d) * 3 * s.G + g) * plane + pos;  // tap k at k * G * plane
 #pragma unroll

@@ -22,16 +22,22 @@ def propagate(
     x: Tensor, gates: Tensor, lam: Tensor, u: Tensor | None, chunk_size: int, save_state: bool
 ) -> tuple[Tensor, Tensor]:
     """Fused forward: (y, state); state is the float32 h when ``save_state``, else empty."""
+    if x.numel() == 0:  # an empty grid (B, C, H or W = 0): nothing to launch
+        return _propagate_shapes(x, save_state)
     y, state = load_extension().forward(x, gates, lam, u, chunk_size, save_state)
+    return y, state
+
+
+def _propagate_shapes(x: Tensor, save_state: bool) -> tuple[Tensor, Tensor]:
+    batch, channels, height, width = x.shape
+    y = x.new_empty(batch, 4, channels, height, width)
+    state = y.new_empty(y.shape if save_state else (0,), dtype=torch.float32)
     return y, state
 
 
 @propagate.register_fake
 def _(x, gates, lam, u, chunk_size, save_state):
-    batch, channels, height, width = x.shape
-    y = x.new_empty(batch, 4, channels, height, width)
-    state = y.new_empty(y.shape if save_state else (0,), dtype=torch.float32)
-    return y, state
+    return _propagate_shapes(x, save_state)
 
 
 @torch.library.custom_op("gspn_diffusers::propagate_backward", mutates_args=(), device_types="cuda")
@@ -39,6 +45,9 @@ def propagate_backward(
     grad_y: Tensor, x: Tensor, gates: Tensor, lam: Tensor, u: Tensor | None, state: Tensor, chunk_size: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused backward: (grad_x, grad_gates, grad_lam, grad_u); grad_u is empty when u is None."""
+    if x.numel() == 0:  # an empty grid: y depends on nothing (gates hold G >= 1 planes even where C = 0)
+        gu = torch.zeros_like(u) if u is not None else x.new_empty(0)
+        return torch.zeros_like(x), torch.zeros_like(gates), torch.zeros_like(lam), gu
     gx, ggates, glam, gu = load_extension().backward(grad_y, x, gates, lam, u, state, chunk_size)
     return gx, ggates, glam, gu
 
@@ -72,8 +81,17 @@ propagate.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _dense_per_item(t: Tensor) -> Tensor:
-    """t itself when each batch item is contiguous (a view into a wider tensor is fine), else a copy."""
-    if t[0].is_contiguous() and (t.shape[0] == 1 or t.stride(0) >= t[0].numel()):
+    """t itself when each batch item is contiguous (a view into a wider tensor is fine), else a copy.
+
+    Decided from the shape and strides alone (no indexing), so that fake and meta tensors and empty
+    batches take the same path as real ones.
+    """
+    item = 1  # elements of one batch item, and the stride a dense item has at each dim
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != item:
+            return t.contiguous()
+        item *= size
+    if t.shape[0] <= 1 or t.stride(0) >= item:
         return t
     return t.contiguous()
 

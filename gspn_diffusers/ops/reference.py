@@ -53,16 +53,16 @@ def normalized_taps(gate_lines: torch.Tensor) -> torch.Tensor:
 
     gate_lines: (..., 3, T, L) logits of the taps reading i-1, i, i+1 of the previous line.
     Returns (..., 3, T, L) weights w_k = s_k / (s_0 + s_1 + s_2), s_k = sigmoid(logit_k), with the
-    taps that would read outside the line (k=0 at i=0, k=2 at i=L-1) set to zero first, so that
-    every row of the propagation matrix sums to one.
+    taps that would read outside the line (k=0 at i=0, k=2 at i=L-1) dropped, so that every row of the
+    propagation matrix sums to one. Computed as a softmax of logsigmoid(logit_k) over the kept taps:
+    the same weights, finite (and with finite gradients) for any finite logits, also where every
+    sigmoid underflows (all kept logits below about -90 in float32).
     """
-    s = torch.sigmoid(gate_lines)
-    length = s.shape[-1]
-    keep = torch.ones(NUM_TAPS, 1, length, dtype=s.dtype, device=s.device)
-    keep[0, :, 0] = 0
-    keep[2, :, length - 1] = 0
-    s = s * keep
-    return s / s.sum(dim=-3, keepdim=True)
+    length = gate_lines.shape[-1]
+    i = torch.arange(length, device=gate_lines.device)
+    outside = torch.stack([i == 0, torch.zeros_like(i, dtype=torch.bool), i == length - 1]).unsqueeze(1)
+    log_s = F.logsigmoid(gate_lines).masked_fill(outside, float("-inf"))
+    return torch.softmax(log_s, dim=-3)
 
 
 def _scan_lines(drive: torch.Tensor, taps: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
@@ -75,6 +75,8 @@ def _scan_lines(drive: torch.Tensor, taps: torch.Tensor, chunk_size: int | None)
     num_lines = drive.shape[-2]
     chunk = num_lines if chunk_size is None else chunk_size
     w_left, w_mid, w_right = taps.unbind(dim=-3)
+    if num_lines == 0:  # an empty grid; the taps stay in the graph, so that gates get an (empty) gradient
+        return drive + 0 * w_mid
     states = []
     h = None
     for t in range(num_lines):
