@@ -108,11 +108,12 @@ def check_forward(inputs, chunk, message):
     return y
 
 
-def check_gradients(shape, chunk, with_u, dtype, seed):
+def check_gradients(shape, chunk, with_u, dtype, seed, inputs=None):
     """Every input's gradient against float64 (float32: within 1e-4; 16-bit: within twice the error
-    of the reference run in that dtype)."""
-    inputs = [t.requires_grad_() if t is not None else None
-              for t in make_inputs(shape, dtype, with_u=with_u, seed=seed)]
+    of the reference run in that dtype). `inputs` replaces the random ones where given."""
+    if inputs is None:
+        inputs = make_inputs(shape, dtype, with_u=with_u, seed=seed)
+    inputs = [t.detach().requires_grad_() if t is not None else None for t in inputs]
     y = gspn_propagate(*inputs, chunk_size=chunk, backend="cuda")
     grad_y = torch.randn_like(y)
     poison_allocator(8 * y.numel() * 4 + 1024)
@@ -231,15 +232,71 @@ def test_2048_long_float16_scan_stays_finite():
 
 @pytest.mark.parametrize("shape", [(1, 2, 1, 24, 32), (1, 4, 1, 24, 32), (1, 2, 1, 13, 13)])
 def test_gate_logits_outside_the_sigmoid_range(shape):
-    # The scans raise logits below -40 to -40 (tap_weights in csrc/gspn_common.cuh): beside a tap of an
-    # ordinary logit that changes no weight measurably. Taps of -100 and +100 among ordinary ones, on the
-    # line-parallel (W = 32; with staged tap weights where the group has 4 channels, so that w_1 = 1 - w_0
-    # - w_2 of a vanishing tap is tested) and the generic (W = 13) scans.
+    # Taps of -100 and +100 among ordinary ones, on the line-parallel (W = 32; with staged tap weights
+    # where the group has 4 channels, so that w_1 = 1 - w_0 - w_2 of a vanishing tap is tested) and the
+    # generic (W = 13) scans.
     x, gates, lam, u = make_inputs(shape, torch.float32, seed=SEED)
     gates[:, :, 0, ..., ::3] = -100.0
     gates[:, :, 2, ..., 1::3] = -100.0
     gates[:, :, 1, ..., ::4] = 100.0
     check_forward((x, gates, lam, u), None, f"seed {SEED}")
+
+
+def extreme_gates(pattern, gates):
+    """Gate logits where sigmoids underflow or saturate (docs/op.md, "Tap weights"), on edges and inside."""
+    g = gates.float()
+    if pattern == "all -1e4":
+        return torch.full_like(g, -1e4)
+    if pattern == "all +90":
+        return torch.full_like(g, 90.0)
+    if pattern == "below -90":  # every tap below -90, unequal: weights in the shifted form only
+        return -90.0 - 5 * g.abs()
+    g = g.clone()  # mixed: ordinary logits with -1e4, -90 and +90 taps, and whole rows and columns at -1e4
+    g[:, :, 0, ..., ::3] = -1e4
+    g[:, :, 2, ..., 1::3] = -90.0
+    g[:, :, 1, ..., ::4] = 90.0
+    g[..., 0, :] = -1e4
+    g[..., :, -1] = -1e4
+    return g
+
+
+# Logits at and below -90 on every tap (0/0 in the plain sigmoid ratio), +90, and mixed, through the
+# line-parallel scans (W = 32, staged tap weights where a group has 4 channels), the generic scans (W = 13)
+# and a cluster of column blocks (300 rows); forward and every gradient against float64.
+@pytest.mark.parametrize("pattern", ["all -1e4", "below -90", "all +90", "mixed"])
+@pytest.mark.parametrize("shape", [(1, 2, 1, 24, 32), (1, 4, 1, 24, 32), (2, 3, 3, 13, 13), (1, 2, 1, 300, 24)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_extreme_gate_logits_forward_and_gradients(pattern, shape, dtype):
+    seed = SEED + hash((pattern, shape, str(dtype))) % 1000
+    x, gates, lam, u = make_inputs(shape, dtype, seed=seed)
+    gates = extreme_gates(pattern, gates).to(dtype)
+    check_forward((x, gates, lam, u), None, f"{pattern}, seed {seed}")
+    check_gradients(shape, None, True, dtype, seed, inputs=(x, gates, lam, u))
+    check_gradients(shape, 5, True, dtype, seed, inputs=(x, gates, lam, u))
+
+
+# Empty grids return empty outputs and gradients of every input's shape without launching a kernel;
+# where C = 0 the gates still hold planes, and their gradient is zero.
+@pytest.mark.parametrize("shape", [(1, 2, 1, 0, 8), (1, 2, 1, 8, 0), (0, 2, 1, 8, 8), (1, 0, 1, 8, 8)])
+def test_empty_grids(shape):
+    x, gates, lam, u = (t.requires_grad_() for t in make_inputs(shape, torch.float16, seed=SEED))
+    y = gspn_propagate(x, gates, lam, u, chunk_size=3, backend="cuda")
+    assert y.shape == (shape[0], 4, shape[1]) + shape[3:] and y.dtype == torch.float16
+    grads = torch.autograd.grad(y, (x, gates, lam, u), torch.ones_like(y))
+    for t, g in zip((x, gates, lam, u), grads):
+        assert g.shape == t.shape and not g.any()
+
+
+def test_fake_cuda_tensors_trace_forward_and_backward():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, gates, lam, u = (torch.empty(s, device="cuda").requires_grad_()
+                            for s in [(2, 4, 9, 16), (2, 4, 3, 2, 9, 16), (2, 4, 4, 9, 16), (2, 4, 4, 9, 16)])
+        y = gspn_propagate(x, gates, lam, u, backend="cuda")
+        grads = torch.autograd.grad(y.sum(), (x, gates, lam, u))
+    assert y.shape == (2, 4, 4, 9, 16) and y.device.type == "cuda"
+    assert [g.shape for g in grads] == [t.shape for t in (x, gates, lam, u)]
 
 
 def test_forward_is_complete_for_the_callers_stream():
