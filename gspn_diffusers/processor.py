@@ -37,7 +37,7 @@ def proxy_width(query_dim: int, proxy_ratio: int) -> int:
 def scan_counts(height: int, width: int, chunk_size: int | None) -> torch.Tensor:
     """(4, H, W) float32: n_d(t) = (t mod chunk) + 1, the lines direction d has accumulated at t.
 
-    t is the scan index of DESIGN.md's direction table (w, W-1-w, h, H-1-h); a direction scanning T
+    t is the scan index of the direction table of docs/op.md (w, W-1-w, h, H-1-h); a direction scanning T
     lines with ``chunk_size=None`` uses chunk = T.
     """
     cols = torch.arange(width, dtype=torch.float32).expand(height, width)

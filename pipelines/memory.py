@@ -1,6 +1,6 @@
 """How much memory the pipeline's UNet and VAE need, and how much there is.
 
-The constants come from DESIGN.md's Anchors (one H100 80GB, SDXL, float16):
+The constants are measured on one H100 80GB (SDXL, float16), see docs/benchmarks.md ("Anchors"):
 
 - UNet with attn1 removed, batch 1: 8K image (1024^2 latent pixels) 14.9 GiB, 16K (2048^2) 44.9 GiB.
   The difference, 30 GiB over 3 * 1024^2 latent pixels, is 10 KiB per latent pixel per batch element;

@@ -24,7 +24,7 @@ def gspn_propagate(
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Four-direction GSPN-2 line-scan propagation (DESIGN.md, "The op").
+    """Four-direction GSPN-2 line-scan propagation (docs/op.md).
 
     Args:
         x: (B, C, H, W) input.

@@ -1,7 +1,7 @@
 """Pure PyTorch GSPN-2 propagation: the executable spec of ``gspn_propagate``.
 
-Every other backend is tested against this file. It follows the contract in DESIGN.md ("The op")
-literally: lines are materialised with transposes and flips (the fused kernel never does that), and
+Every other backend is tested against this file. It follows the contract (docs/op.md, and the
+docstring of ``gspn_propagate_reference``) literally: lines are materialised with transposes and flips (the fused kernel never does that), and
 the scan is a Python loop over lines, vectorised over batch, channels and the positions of a line.
 
 Shapes (B batch, C channels, G gate groups, H x W grid):
@@ -98,9 +98,27 @@ def gspn_propagate_reference(
     u: torch.Tensor | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Four-direction GSPN propagation in plain PyTorch (inputs assumed valid; see ``gspn_propagate``).
+    """Four-direction GSPN-2 propagation in plain PyTorch: the spec of ``gspn_propagate`` (docs/op.md).
 
-    Accumulates in float32 (float64 for float64 inputs) and returns y (B, 4, C, H, W) in x's dtype.
+    Inputs are assumed valid (``gspn_propagate`` checks them). For direction d (0: columns left to
+    right, 1: columns right to left, 2: rows top to bottom, 3: rows bottom to top), scan index t, line
+    index i, channel c of gate group g = c // (C / G) and the position p of (t, i):
+
+        h_t[i] = lam[b,d,c,p] x[b,c,p] + [t mod chunk != 0] sum_k w_k[p] h_{t-1}[i+k-1]
+        y[b,d,c,p] = u[b,d,c,p] h_t[i]
+
+    with w_k = sigmoid(gates[b,d,k,g,p]) normalised over the taps kept inside the line (tap 0 dropped
+    at i = 0, tap 2 at i = L-1), computed as a softmax of logsigmoid so that any finite logits give
+    finite weights summing to one. chunk_size None is one chunk per direction.
+
+    Args:
+        x: (B, C, H, W). gates: (B, 4, 3, G, H, W) logits. lam: (B, 4, C, H, W). u: (B, 4, C, H, W) or None.
+        chunk_size: None, or K >= 1 lines per chunk.
+
+    Returns:
+        y: (B, 4, C, H, W) in x's dtype, accumulated in float32 (float64 for float64 inputs). Empty where
+        B, C, H or W is 0; meta and fake tensors give y of the right shape, and autograd gives every
+        input a gradient of its own shape.
     """
     batch, channels, height, width = x.shape
     groups = gates.shape[3]

@@ -18,7 +18,7 @@ def check_inputs(
     u: torch.Tensor | None,
     chunk_size: int | None,
 ) -> None:
-    """Raise ValueError unless the arguments satisfy the op's contract (DESIGN.md, "The op")."""
+    """Raise ValueError unless the arguments satisfy the op's contract (docs/op.md)."""
     shapes = f"x {_shape(x)}, gates {_shape(gates)}, lam {_shape(lam)}, u {_shape(u)}"
 
     def fail(reason: str) -> None:

@@ -1,4 +1,4 @@
-"""The GSPN-2 op's reference backend against its contract (DESIGN.md, "The op")."""
+"""The GSPN-2 op's reference backend against its contract (docs/op.md)."""
 
 import math
 

@@ -53,7 +53,7 @@ def test_enough_memory_runs_every_stage_whole_and_batched():
 
 
 def test_16k_on_80gb_runs_the_whole_latent_with_cfg_halves_one_after_the_other():
-    # DESIGN.md: the UNet at 16K fits at batch 1 (44.9 GiB) but not at batch 2.
+    # Measured on one H100, see docs/benchmarks.md: the UNet at 16K fits at batch 1 (44.9 GiB) but not at batch 2.
     p = plan(16384, 16384, 0.9 * (80 - 6.9))
     last = p.stages[-1]
     assert last.tile_size is None and last.cfg_sequential
