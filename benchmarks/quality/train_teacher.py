@@ -39,6 +39,7 @@ def main(argv=None) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
     config = core.TINY_CONFIG if args.tiny else core.TEACHER_CONFIG
     batch = 8 if args.tiny else args.batch
 
