@@ -34,7 +34,7 @@ class TinyFeatures(nn.Module):
 
 @torch.no_grad()
 def features(extractor: nn.Module, images: torch.Tensor, batch: int = 500, size: int = 299) -> torch.Tensor:
-    """(N, 3, 32, 32) uint8 -> (N, D) float64 features on the CPU."""
+    """(N, 3, 32, 32) uint8 -> (N, D) float64 features on the extractor's device (FID and KID follow them)."""
     matmul_tf32, cudnn_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     device = next(extractor.parameters()).device
@@ -45,7 +45,7 @@ def features(extractor: nn.Module, images: torch.Tensor, batch: int = 500, size:
             if isinstance(extractor, torch.jit.ScriptModule):
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
             x = x / 128.0 - 1.0
-            out.append(extractor(x).double().cpu())
+            out.append(extractor(x).double())
         return torch.cat(out)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
