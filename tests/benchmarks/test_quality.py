@@ -1,0 +1,115 @@
+"""The quality benchmark (benchmarks/quality/): its metrics against hand-computed values, and the whole
+harness (teacher training, control, students, metrics, report) in --tiny mode on the CPU."""
+
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.quality import core, evaluate, fid, train_teacher  # noqa: E402
+
+
+def write_jpeg_archive(path: Path, count: int, seed: int) -> np.ndarray:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+    blobs = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+        blobs.append(np.frombuffer(buffer.getvalue(), np.uint8))
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+    labels = (np.arange(count) % 10).astype(np.uint8)
+    np.savez(path, data=np.concatenate(blobs), offsets=offsets, labels=labels, classes=np.array(["c"] * 10))
+    return labels
+
+
+@pytest.fixture(scope="module")
+def cifar_like(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cifar")
+    write_jpeg_archive(folder / "train_jpeg.npz", 64, 0)
+    write_jpeg_archive(folder / "test_jpeg.npz", 24, 1)
+    return folder
+
+
+def test_decode_subset_is_fixed_and_keeps_labels(cifar_like, tmp_path):
+    images, labels = core.decode_split(cifar_like / "train_jpeg.npz")
+    assert images.shape == (64, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.tolist() == [i % 10 for i in range(64)]
+    core.subset_archive(cifar_like / "train_jpeg.npz", tmp_path / "sub.npz", 20, seed=3)
+    sub_images, sub_labels = core.decode_split(tmp_path / "sub.npz")
+    again_images, again_labels = core.decode_split(cifar_like / "train_jpeg.npz", 20, seed=3)
+    assert torch.equal(sub_images, again_images) and torch.equal(sub_labels, again_labels)
+    with pytest.raises(ValueError, match="count"):
+        core.decode_split(cifar_like / "train_jpeg.npz", 65)
+
+
+def test_frechet_distance_of_gaussians_matches_the_formula():
+    mu_a, mu_b = torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([2.0, 1.0], dtype=torch.float64)
+    cov_a = torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64))
+    cov_b = torch.diag(torch.tensor([1.0, 9.0], dtype=torch.float64))
+    # diagonal: |mu_a - mu_b|^2 + sum (sqrt(a_i) - sqrt(b_i))^2 = 4 + (2 - 1)^2 + (1 - 3)^2
+    assert fid.frechet_distance((mu_a, cov_a), (mu_b, cov_b)) == pytest.approx(9.0, abs=1e-9)
+    feats = torch.randn(500, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert fid.frechet_distance(fid.statistics(feats), fid.statistics(feats)) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_kid_sees_a_shift_and_psnr_matches_hand_value():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 16, dtype=torch.float64, generator=generator)
+    b = torch.randn(400, 16, dtype=torch.float64, generator=generator)
+    same = fid.kernel_inception_distance(a, b, subsets=10, subset_size=200)
+    shifted = fid.kernel_inception_distance(a, b + 1.0, subsets=10, subset_size=200)
+    assert abs(same) < 0.05 < shifted
+    x = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    y = x.clone()
+    y[0] += 10  # mse 100 -> 10 log10(255^2 / 100); image 1 identical -> capped by the 1e-10 floor
+    expected = (10 * math.log10(255**2 / 100) + 10 * math.log10(255**2 / 1e-10)) / 2
+    assert fid.paired_psnr(x, y) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="one shape"):
+        fid.paired_psnr(x, y[:1])
+
+
+def test_heldout_loss_is_reproducible_and_control_removes_self_attention(cifar_like):
+    torch.manual_seed(0)
+    model = core.ClassConditionedUNet(core.TINY_CONFIG).eval()
+    images, labels = core.decode_split(cifar_like / "test_jpeg.npz")
+    first = core.heldout_loss(model, images, labels, draws=2, batch=10)
+    assert first == core.heldout_loss(model, images, labels, draws=2, batch=10)
+    control, params = evaluate.make_control(model)
+    assert {id(p) for p in params} == {id(p) for p in control.unet.parameters()}
+    calls = []
+    for layer in evaluate.self_attention_layers(control.unet):
+        control.unet.get_submodule(layer).register_forward_hook(lambda m, a, o: calls.append(o.abs().max().item()))
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([10, 500]), torch.tensor([1, 10])
+    with torch.no_grad():
+        assert not torch.allclose(control(x, t, y), model(x, t, y))
+    assert calls and max(calls) == 0.0
+
+
+def test_whole_harness_tiny(cifar_like, tmp_path):
+    teacher_dir = train_teacher.main(["--data", str(cifar_like), "--out", str(tmp_path / "teacher"), "--tiny"])
+    log = json.loads((teacher_dir / "train_log.json").read_text())
+    assert log["steps"] == 3
+    result = evaluate.main(["--teacher", str(teacher_dir), "--data", str(cifar_like), "--out", str(tmp_path / "eval"),
+                            "--tiny", "--recipes", "default,no_feature"])
+    names = [row["model"] for row in result["rows"]]
+    assert names == ["teacher", "control", "student:default", "student:no_feature"]
+    default = result["rows"][2]
+    assert default["train"]["layerwise_steps"] == 1 and default["train"]["steps"] == 2
+    for row in result["rows"]:
+        assert math.isfinite(row["heldout_loss"]) and math.isfinite(row["fid"]) and math.isfinite(row["kid"])
+    assert result["rows"][1]["gap_recovered"] == pytest.approx(0.0)
+    assert all("psnr_vs_teacher" in row and "fid_vs_teacher" in row for row in result["rows"][1:])
+    saved = json.loads((tmp_path / "eval" / "quality.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    table = (tmp_path / "eval" / "quality.md").read_text()
+    assert table.count("\n| ") == 4 and "student:no_feature" in table
