@@ -96,8 +96,14 @@ def gspn_propagate_cuda(
     gates, lam = (_dense_per_item(t.to(x.dtype)) for t in (gates, lam))
     u = None if u is None else _dense_per_item(u.to(x.dtype))
     x = x.contiguous()
+    chunk = _GLOBAL if chunk_size is None else chunk_size
     needs_state = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, gates, lam, u)
     )
-    y, _ = propagate(x, gates, lam, u, _GLOBAL if chunk_size is None else chunk_size, needs_state)
+    if needs_state or torch.compiler.is_compiling() or type(x) is not Tensor:
+        y, _ = propagate(x, gates, lam, u, chunk, needs_state)
+    else:
+        # No gradient and no tracing: the registered op would only add its dispatch (torch.library's
+        # Python round trip) before calling the same kernels.
+        y, _ = load_extension().forward(x, gates, lam, u, chunk, False)
     return y
