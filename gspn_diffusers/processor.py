@@ -229,12 +229,10 @@ class GSPN2AttnProcessor(nn.Module):
         Like diffusers' ``fuse_qkv_projections``.
         """
         self.projections_fused = True
-        self._inference_cache = None
 
     def unfuse_projections(self) -> None:
         """Undo ``fuse_projections``: ``up`` and ``to_out[0]`` run as two layers again."""
         self.projections_fused = False
-        self._inference_cache = None
 
     def _needs_autograd(self, tokens: torch.Tensor, out_proj: nn.Module) -> bool:
         if not torch.is_grad_enabled():
