@@ -1,5 +1,6 @@
 """The processor's inference path and folded projections against its training path (CPU, reference backend)."""
 
+import copy
 import hashlib
 
 import pytest
@@ -163,3 +164,20 @@ def test_saved_adapter_is_byte_identical_after_fuse_and_unfuse(tiny_sdxl_path, t
     before = file_digests(tmp_path / "before")
     assert file_digests(tmp_path / "fused") == before
     assert file_digests(tmp_path / "unfused") == before
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_inference_path_on_cuda_matches_the_training_path(dtype, fused):
+    # The CUDA kernels called without torch.library's dispatch, the GEMMs on strided and expanded operands.
+    attn, processor = layer(64, 8, 1, None, seed=7)
+    tokens = torch.randn(2, 12 * 20, 64)
+    with torch.no_grad():  # float64 on the CPU (the kernels take 32 and 16 bits only)
+        exact = training_path(copy.deepcopy(attn).double(), copy.deepcopy(processor).double(), tokens.double(), (12, 20))
+        attn, processor, tokens = attn.cuda().to(dtype), processor.cuda().to(dtype), tokens.cuda().to(dtype)
+        unfused_error = (training_path(attn, processor, tokens, (12, 20)).cpu().double() - exact).abs().max()
+    with torch.inference_mode():
+        got = called(attn, processor, tokens, (12, 20), fused).cpu()
+    error = (got.double() - exact).abs().max()
+    assert error <= 2 * unfused_error + torch.finfo(dtype).eps * exact.abs().max(), (error, unfused_error)
