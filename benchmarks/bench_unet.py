@@ -5,24 +5,25 @@
     python benchmarks/bench_unet.py --tiny               # CPU smoke run of the same code, tiny UNet
 
 Random weights (the SDXL base config shipped in gspn_diffusers/configs), CFG batch 2, one UNet forward
-per sample under ``torch.inference_mode``. Three variants per size, one model:
+per sample under ``torch.inference_mode``. Four variants per size, one model:
 
-    softmax  diffusers' default self-attention processor (SDPA)
-    gspn     GSPNAdapter.for_unet(unet) mounted (gspn_propagate, backend "auto")
-    floor    every attn1 returns zeros: the rest of the UNet alone, the floor any replacement of
-             self-attention can reach
+    softmax     diffusers' default self-attention processor (SDPA)
+    gspn        GSPNAdapter.for_unet(unet) mounted (gspn_propagate, backend "auto")
+    gspn-fused  the same after adapter.fuse_projections(): up folded into each layer's to_out[0]
+    floor       every attn1 returns zeros: the rest of the UNet alone, the floor any replacement of
+                self-attention can reach
 
 Times are medians (CUDA events on GPU) after one warm-up call; the number of timed calls adapts to
 ``--budget-s`` so that the slow cells (softmax at 8K is ~16 s a call) stay few. Peak memory is
 ``torch.cuda.max_memory_allocated`` over the timed calls, weights included. A cell that runs out of
-memory prints OOM.
+memory prints OOM. ``host`` is the wall-clock time the call takes to return (to enqueue its kernels) in
+the median call: when it is close to the GPU time, the forward is bound by the host, not the GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ from gspn_diffusers import GSPNAdapter, gspn_propagate
 from gspn_diffusers.adapter import self_attention_layers
 from gspn_diffusers.testing import sdxl_config, tiny_unet_config
 
-VARIANTS = ("softmax", "gspn", "floor")
+VARIANTS = ("softmax", "gspn", "gspn-fused", "floor")
 FULL_SIZES = ("1024", "2048", "4096", "8192")
 TINY_SIZES = ("256", "384x256")
 TEXT_TOKENS = 77
@@ -81,9 +82,14 @@ def variant(name: str, unet, adapter: GSPNAdapter):
     """The UNet with its attn1 processors set for one variant; the originals are back afterwards."""
     if name == "softmax":
         yield
-    elif name == "gspn":
-        with adapter.mounted(unet):
-            yield
+    elif name in ("gspn", "gspn-fused"):
+        if name == "gspn-fused":
+            adapter.fuse_projections()
+        try:
+            with adapter.mounted(unet):
+                yield
+        finally:
+            adapter.unfuse_projections()
     else:
         originals = unet.attn_processors
         removed = {layer + ".processor" for layer in self_attention_layers(unet)}
@@ -94,28 +100,33 @@ def variant(name: str, unet, adapter: GSPNAdapter):
             unet.set_attn_processor(originals)
 
 
-def elapsed_ms(fn, device: torch.device) -> float:
+def elapsed_ms(fn, device: torch.device) -> tuple[float, float]:
+    """(ms from start to end of the work, ms until ``fn`` returned on the host)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        begin = time.perf_counter()
         fn()
+        host = (time.perf_counter() - begin) * 1e3
         end.record()
         end.synchronize()
-        return start.elapsed_time(end)
+        return start.elapsed_time(end), host
     begin = time.perf_counter()
     fn()
-    return (time.perf_counter() - begin) * 1e3
+    host = (time.perf_counter() - begin) * 1e3
+    return host, host
 
 
-def measure(fn, device: torch.device, budget_s: float, max_repeats: int) -> tuple[float, float | None, int]:
-    """(median ms, peak GiB or None off CUDA, timed calls) of ``fn`` after one warm-up call."""
-    warmup = elapsed_ms(fn, device)
+def measure(fn, device: torch.device, budget_s: float, max_repeats: int) -> tuple[float, float, float | None, int]:
+    """(median ms, host ms of that call, peak GiB or None off CUDA, timed calls) after one warm-up call."""
+    warmup, _ = elapsed_ms(fn, device)
     repeats = max(1, min(max_repeats, int(budget_s * 1e3 / max(warmup, 1e-3))))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    samples = [elapsed_ms(fn, device) for _ in range(repeats)]
+    samples = sorted(elapsed_ms(fn, device) for _ in range(repeats))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return statistics.median(samples), peak, repeats
+    ms, host = samples[(len(samples) - 1) // 2]
+    return ms, host, peak, repeats
 
 
 def free_memory(device: torch.device) -> None:
@@ -127,8 +138,8 @@ def free_memory(device: torch.device) -> None:
 def run_cell(unet, adapter, name, inputs, device, args) -> dict:
     try:
         with variant(name, unet, adapter):
-            ms, peak, repeats = measure(lambda: unet(**inputs), device, args.budget_s, args.max_repeats)
-        return dict(ms=ms, peak_gib=peak, repeats=repeats)
+            ms, host, peak, repeats = measure(lambda: unet(**inputs), device, args.budget_s, args.max_repeats)
+        return dict(ms=ms, host_ms=host, peak_gib=peak, repeats=repeats)
     except torch.OutOfMemoryError:
         return dict(oom=True)
     finally:
@@ -154,15 +165,23 @@ def format_peak(cell: dict | None) -> str:
     return "n/a" if cell["peak_gib"] is None else f"{cell['peak_gib']:.2f}"
 
 
-def print_line(label: str, times: list[str], peaks: list[str]) -> None:
-    columns = [f"{label:>11}", *(f"{t:>20}" for t in times), " ".join(f"{p:>12}" for p in peaks)]
+def format_host(cell: dict | None) -> str:
+    if cell is None or cell.get("oom"):
+        return "-"
+    return f"{cell['host_ms']:.1f}"
+
+
+def print_line(label: str, times: list[str], hosts: list[str], peaks: list[str]) -> None:
+    columns = [f"{label:>11}", *(f"{t:>20}" for t in times), " ".join(f"{h:>16}" for h in hosts),
+               " ".join(f"{p:>16}" for p in peaks)]
     print(" | ".join(columns), flush=True)
 
 
 def print_row(size, cells: dict, variants) -> None:
     floor = cells.get("floor")
     times = [format_cell(cells.get(v), None if v == "floor" else floor) for v in variants]
-    print_line(f"{size[1]}x{size[0]}", times, [format_peak(cells.get(v)) for v in variants])
+    print_line(f"{size[1]}x{size[0]}", times, [format_host(cells.get(v)) for v in variants],
+               [format_peak(cells.get(v)) for v in variants])
 
 
 def load_gspn_backend(device, dtype) -> float:
@@ -219,8 +238,9 @@ def main(argv=None) -> None:
         f"chunk {args.chunk_size or 'global'}, {len(adapter.processors)} attn1 layers"
     )
     print(f"gspn_propagate backend ready in {load_gspn_backend(device, dtype):.1f} s")
-    print("time: median of a UNet forward (ratio to floor); peak: GiB allocated, weights included")
-    print_line("size", args.variants, [f"peak {v}" for v in args.variants])
+    print("time: median of a UNet forward (ratio to floor); host: ms until that call returned (enqueued); "
+          "peak: GiB allocated, weights included")
+    print_line("size", args.variants, [f"host {v}" for v in args.variants], [f"peak {v}" for v in args.variants])
     with torch.inference_mode():
         for size in sizes:
             inputs = unet_inputs(config, args.batch, size, device, dtype)

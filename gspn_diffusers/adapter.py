@@ -132,6 +132,22 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
         """{layer path: processor}, in config order."""
         return dict(zip(self.config.layers, self.processors))
 
+    def fuse_projections(self) -> None:
+        """Fold every processor's ``up`` into its layer's ``to_out[0]`` for inference.
+
+        Each replaced layer then runs one (C, Cp) GEMM where it ran ``up`` and ``to_out[0]``. Only calls
+        that need no gradient use the folded weights (training runs the two layers, exactly); they follow
+        later changes to ``up`` or ``to_out[0]`` and are never saved. Follows diffusers'
+        ``fuse_qkv_projections``; ``unfuse_projections`` undoes it.
+        """
+        for processor in self.processors:
+            processor.fuse_projections()
+
+    def unfuse_projections(self) -> None:
+        """Run ``up`` and ``to_out[0]`` as two layers again (see ``fuse_projections``)."""
+        for processor in self.processors:
+            processor.unfuse_projections()
+
     def __getitem__(self, layer: str) -> GSPN2AttnProcessor:
         try:
             return self.processors[self.config.layers.index(layer)]

@@ -10,6 +10,10 @@ groups):
     gspn_propagate(proxy, gates, lam, u / n) --> (B, 4, Cp, H, W) --sum over directions + skip * proxy-->
     (B, Cp, H, W) --> tokens (B, N, Cp) --up--> (B, N, C) --> attn.to_out (the layer's own projection)
 
+Without autograd (``torch.no_grad`` / ``inference_mode``, or nothing requiring grad) the processor runs
+``mix_inference``: the same computation in fewer kernels, with biases carried inside the GEMMs, and, after
+``fuse_projections()``, ``up`` folded into the layer's ``to_out[0]``. Training runs ``mix``.
+
 The token grid (H, W) is not passed by diffusers; ``GSPNAdapter.mount`` installs hooks that set
 ``processor.grid`` before every call (or set it yourself).
 """
@@ -25,6 +29,9 @@ from .ops import gspn_propagate
 NUM_DIRECTIONS = 4
 NUM_TAPS = 3
 _MAX_CACHED_GRIDS = 16
+# Channels appended to the proxy of the inference path: the first is 1 and carries the next GEMM's bias,
+# the others meet zero weights; 8 keeps 16-bit rows 16-byte aligned for the GEMMs.
+_BIAS_CHANNELS = 8
 
 
 def proxy_width(query_dim: int, proxy_ratio: int) -> int:
@@ -82,6 +89,11 @@ class GSPN2AttnProcessor(nn.Module):
 
     Parameters are float32 unless moved; at call time they are cast to the dtype of the tensors
     they meet, so a float16 / bfloat16 UNet works with float32 processor weights.
+
+    Inference: calls that need no gradient run ``mix_inference`` with weights prepared once per dtype
+    (rebuilt whenever a parameter they come from changes). ``fuse_projections()`` also folds ``up``
+    into the layer's ``to_out[0]`` there (one GEMM instead of two). Neither is ever used when a
+    gradient is needed, and neither is saved: ``state_dict()`` holds the parameters only.
     """
 
     def __init__(self, query_dim: int, proxy_dim: int, gate_groups: int = 1, chunk_size: int | None = None):
@@ -99,7 +111,9 @@ class GSPN2AttnProcessor(nn.Module):
         self.skip = nn.Parameter(torch.zeros(proxy_dim))
         self.up = nn.Linear(proxy_dim, query_dim)
         self.grid: tuple[int, int] | None = None
+        self.projections_fused = False
         self._counts_cache: dict[tuple, torch.Tensor] = {}
+        self._inference_cache: tuple | None = None  # (key, _InferenceWeights); not state, never saved
         self.reset_coefficients()
 
     @property
@@ -205,6 +219,78 @@ class GSPN2AttnProcessor(nn.Module):
         merged = merged.flatten(2).transpose(1, 2)  # (B, N, Cp)
         return F.linear(merged, self.up.weight.to(merged.dtype), self.up.bias.to(merged.dtype))
 
+    def fuse_projections(self) -> None:
+        """Fold ``up`` into the layer's ``to_out[0]`` on calls that need no gradient.
+
+        ``to_out[0](up(m)) = (W_out W_up) m + (W_out b_up + b_out)``: one (C, Cp) GEMM replaces a (C, Cp)
+        and a (C, C) one. The folded weights are rebuilt when ``up`` or ``to_out[0]`` change, are never
+        used when a gradient is needed (training runs the two layers), and are never saved. Layers whose
+        ``to_out[0]`` is not a plain ``nn.Linear`` or carries forward hooks are left unfolded.
+        Like diffusers' ``fuse_qkv_projections``.
+        """
+        self.projections_fused = True
+
+    def unfuse_projections(self) -> None:
+        """Undo ``fuse_projections``: ``up`` and ``to_out[0]`` run as two layers again."""
+        self.projections_fused = False
+
+    def _needs_autograd(self, tokens: torch.Tensor, out_proj: nn.Module) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        if tokens.requires_grad or any(p.requires_grad for p in self.parameters()):
+            return True
+        return any(p.requires_grad for p in out_proj.parameters())
+
+    def _foldable(self, out_proj: nn.Module) -> bool:
+        return (
+            self.projections_fused
+            and type(out_proj) is nn.Linear
+            and not out_proj._forward_hooks
+            and not out_proj._forward_pre_hooks
+        )
+
+    def inference_weights(self, dtype: torch.dtype, out_proj: nn.Linear | None = None) -> "_InferenceWeights":
+        """The weights ``mix_inference`` runs with, in ``dtype``; ``out_proj``: the ``to_out[0]`` to fold in.
+
+        Cached for the last (dtype, out_proj) and rebuilt when any source parameter is replaced or
+        modified in place (its version counter moves).
+        """
+        sources = [self.down.weight, self.down.bias, self.coefficients.weight, self.coefficients.bias,
+                   self.skip, self.up.weight, self.up.bias]
+        if out_proj is not None:
+            sources += [out_proj.weight, out_proj.bias]
+        key = (dtype, *((None if t is None else (t.data_ptr(), t._version, t.dtype, t.device)) for t in sources))
+        cached = self._inference_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        weights = _InferenceWeights.build(self, dtype, out_proj)
+        self._inference_cache = (key, weights)
+        return weights
+
+    def mix_inference(self, tokens: torch.Tensor, grid: tuple[int, int], weights: "_InferenceWeights") -> torch.Tensor:
+        """``mix`` without autograd, in fewer kernels: (B, N, C) tokens -> (B, N, C).
+
+        With ``weights`` from ``inference_weights(dtype, attn.to_out[0])`` the result already includes
+        ``to_out[0]``. Biases ride inside the GEMMs on a constant-1 proxy channel; the channel-major
+        proxy is read in place by the coefficient GEMM; u's 1 / n_d(t) is applied in place; the
+        direction sum and the skip term are written straight into the input of the last GEMM.
+        """
+        batch, num_tokens, _ = tokens.shape
+        height, width = grid
+        cp = self.proxy_dim
+        rows = F.linear(tokens, weights.down_weight, weights.down_bias)  # (B, N, Cp + 8), channel Cp is 1
+        coefficients = torch.bmm(weights.coefficient_weight.expand(batch, -1, -1), rows.mT)  # (B, 12G + 8Cp, N)
+        proxy = rows[..., :cp].mT.unflatten(2, (height, width)).contiguous()  # (B, Cp, H, W)
+        gates, lam, u = self.split_coefficients(coefficients.unflatten(2, (height, width)))
+        u.mul_(self.inverse_scan_counts(height, width, u.device, u.dtype))
+        directions = gspn_propagate(proxy, gates, lam, u, chunk_size=self.chunk_size, backend="auto")
+        merged = proxy.new_empty(batch, cp + _BIAS_CHANNELS, num_tokens)
+        merged[:, cp:].fill_(1.0)  # channel Cp carries the bias; the rest meet zero weights
+        mixed = merged[:, :cp]
+        torch.sum(directions.flatten(3), dim=1, out=mixed)
+        mixed.addcmul_(weights.skip.view(-1, 1), proxy.flatten(2))
+        return torch.bmm(merged.mT, weights.out_weight.mT.expand(batch, -1, -1))  # (B, N, C)
+
     def _grid_of(self, num_tokens: int) -> tuple[int, int]:
         grid = self.grid
         if grid is None or grid[0] * grid[1] != num_tokens:
@@ -261,17 +347,66 @@ class GSPN2AttnProcessor(nn.Module):
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        hidden_states = self.mix(hidden_states, grid)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        out_proj = attn.to_out[0]
+        if self._needs_autograd(hidden_states, out_proj) or torch.is_autocast_enabled(hidden_states.device.type):
+            hidden_states = out_proj(self.mix(hidden_states, grid))
+        else:
+            folded = out_proj if self._foldable(out_proj) else None
+            weights = self.inference_weights(hidden_states.dtype, folded)
+            hidden_states = self.mix_inference(hidden_states, grid, weights)
+            if folded is None:
+                hidden_states = out_proj(hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
 
         if image_shape is not None:
             hidden_states = hidden_states.transpose(1, 2).reshape(image_shape)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        if attn.rescale_output_factor != 1.0:  # x / 1.0 == x: one pass over (B, N, C) saved
+            hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
 
     def extra_repr(self) -> str:
         return (
             f"query_dim={self.query_dim}, proxy_dim={self.proxy_dim}, gate_groups={self.gate_groups}, "
-            f"chunk_size={self.chunk_size}, grid={self.grid}"
+            f"chunk_size={self.chunk_size}, grid={self.grid}, projections_fused={self.projections_fused}"
         )
+
+
+class _InferenceWeights:
+    """A processor's weights in the form ``mix_inference`` uses, in one dtype (Cp8 = Cp + 8).
+
+    down_weight (Cp8, C), down_bias (Cp8,): ``down`` with a constant-1 channel Cp and zero channels after.
+    coefficient_weight (12G + 8Cp, Cp8): the 1x1 conv, its bias in column Cp.
+    out_weight (C, Cp8): ``up`` (or ``to_out[0] . up``), its bias in column Cp.
+    skip (Cp,).
+    """
+
+    __slots__ = ("down_weight", "down_bias", "coefficient_weight", "out_weight", "skip")
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, processor: GSPN2AttnProcessor, dtype: torch.dtype, out_proj: nn.Linear | None):
+        acc = torch.promote_types(dtype, torch.float32)
+        down_w, down_b = processor.down.weight.to(acc), processor.down.bias.to(acc)
+        extra = _BIAS_CHANNELS - 1
+        one = down_b.new_ones(1)
+
+        def with_bias_column(weight, bias):
+            return torch.cat([weight, bias[:, None], weight.new_zeros(weight.shape[0], extra)], dim=1)
+
+        out_w, out_b = processor.up.weight.to(acc), processor.up.bias.to(acc)
+        if out_proj is not None:
+            proj_w = out_proj.weight.to(acc)
+            out_b = proj_w @ out_b
+            if out_proj.bias is not None:
+                out_b = out_b + out_proj.bias.to(acc)
+            out_w = proj_w @ out_w
+        conv_w = processor.coefficients.weight.to(acc).flatten(1)
+        weights = cls()
+        weights.down_weight = torch.cat([down_w, down_w.new_zeros(_BIAS_CHANNELS, down_w.shape[1])]).to(dtype)
+        weights.down_bias = torch.cat([down_b, one, down_b.new_zeros(extra)]).to(dtype)
+        weights.coefficient_weight = with_bias_column(conv_w, processor.coefficients.bias.to(acc)).to(dtype)
+        weights.out_weight = with_bias_column(out_w, out_b).to(dtype)
+        weights.skip = processor.skip.to(acc).to(dtype)
+        return weights

@@ -204,4 +204,6 @@ def test_unet_benchmark_smoke_runs_on_cpu(capsys):
     bench["main"](["--tiny", "--sizes", "64", "96x64", "--budget-s", "0", "--max-repeats", "1"])
     lines = capsys.readouterr().out.splitlines()
     rows = [line.split("|") for line in lines if line.strip().startswith(("64x64", "96x64"))]
-    assert len(rows) == 2 and all(len(row) == 5 and "ms" in row[2] and "x)" in row[2] for row in rows)
+    # size | softmax | gspn | gspn-fused | floor | host times | peaks
+    assert len(rows) == 2 and all(len(row) == 7 and all("x)" in row[i] for i in (1, 2, 3)) for row in rows)
+    assert all(len(row[5].split()) == 4 for row in rows)

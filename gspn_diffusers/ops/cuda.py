@@ -22,10 +22,13 @@ def propagate(
     x: Tensor, gates: Tensor, lam: Tensor, u: Tensor | None, chunk_size: int, save_state: bool
 ) -> tuple[Tensor, Tensor]:
     """Fused forward: (y, state); state is the float32 h when ``save_state``, else empty."""
+    return _launch_forward(x, gates, lam, u, chunk_size, save_state)
+
+
+def _launch_forward(x, gates, lam, u, chunk_size: int, save_state: bool) -> tuple[Tensor, Tensor]:
     if x.numel() == 0:  # an empty grid (B, C, H or W = 0): nothing to launch
         return _propagate_shapes(x, save_state)
-    y, state = load_extension().forward(x, gates, lam, u, chunk_size, save_state)
-    return y, state
+    return load_extension().forward(x, gates, lam, u, chunk_size, save_state)
 
 
 def _propagate_shapes(x: Tensor, save_state: bool) -> tuple[Tensor, Tensor]:
@@ -114,8 +117,14 @@ def gspn_propagate_cuda(
     gates, lam = (_dense_per_item(t.to(x.dtype)) for t in (gates, lam))
     u = None if u is None else _dense_per_item(u.to(x.dtype))
     x = x.contiguous()
+    chunk = _GLOBAL if chunk_size is None else chunk_size
     needs_state = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, gates, lam, u)
     )
-    y, _ = propagate(x, gates, lam, u, _GLOBAL if chunk_size is None else chunk_size, needs_state)
+    if needs_state or torch.compiler.is_compiling() or type(x) is not Tensor:
+        y, _ = propagate(x, gates, lam, u, chunk, needs_state)
+    else:
+        # No gradient and no tracing: the registered op would only add its dispatch (torch.library's
+        # Python round trip) before calling the same kernels.
+        y, _ = _launch_forward(x, gates, lam, u, chunk, False)
     return y

@@ -8,7 +8,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _shape(t: torch.Tensor | None) -> str:
-    return "None" if t is None else str(tuple(t.shape))
+    if t is None:
+        return "None"
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def check_inputs(
@@ -19,9 +21,8 @@ def check_inputs(
     chunk_size: int | None,
 ) -> None:
     """Raise ValueError unless the arguments satisfy the op's contract (docs/op.md)."""
-    shapes = f"x {_shape(x)}, gates {_shape(gates)}, lam {_shape(lam)}, u {_shape(u)}"
-
     def fail(reason: str) -> None:
+        shapes = f"x {_shape(x)}, gates {_shape(gates)}, lam {_shape(lam)}, u {_shape(u)}"
         raise ValueError(f"gspn_propagate: {reason} (got {shapes})")
 
     named = {"x": x, "gates": gates, "lam": lam, "u": u}
