@@ -13,7 +13,7 @@
 //     each other), as blocks of later waves would;
 //   - partials stored: each block writes its partial sums to a buffer of its own (the alternative to the
 //     atomics, which a later pass would then have to read back and add);
-// against the time the gradient pass spends now (README) and against moving the summed buffer once.
+// against the time the gradient pass spends (docs/kernels.md) and against moving the summed buffer once.
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90a -o /tmp/gate_gradient_sums benchmarks/probes/gate_gradient_sums.cu && /tmp/gate_gradient_sums
 #include <cstdio>

@@ -1,12 +1,12 @@
 """Probe: what keeping the backward's float32 states in 16 bits would cost in gradient accuracy.
 
 The CUDA backward stores two float32 states per (batch, direction, channel, position), the forward's h
-and the adjoint's gh, and at SDXL sizes they are most of a training step's bytes (README, GPU
-benchmarks). This emulates, on the CPU in float64, a backward whose scans still accumulate in full
+and the adjoint's gh, and at SDXL sizes they are most of a training step's bytes (docs/kernels.md,
+What bounds them). This emulates, on the CPU in float64, a backward whose scans still accumulate in full
 precision but whose stored copy of h, of gh or of both is rounded to the input dtype before the gradient
 pass uses it, and prints per input the median and the largest, over SHAPES x SEEDS, of the ratio of its
 gradient's error (against float64) to the error of the reference run in that dtype: the ratio
-tests/test_gspn_propagate_cuda.py bounds by 2. (Nothing rounded, every ratio is 1.00.)
+tests/ops/test_cuda_kernels.py bounds by 2. (Nothing rounded, every ratio is 1.00.)
 
     python benchmarks/probes/state_precision.py
 """
