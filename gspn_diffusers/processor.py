@@ -10,8 +10,9 @@ groups):
     gspn_propagate(proxy, gates, lam, u / n) --> (B, 4, Cp, H, W) --sum over directions + skip * proxy-->
     (B, Cp, H, W) --> tokens (B, N, Cp) --up--> (B, N, C) --> attn.to_out (the layer's own projection)
 
-The token grid (H, W) is not passed by diffusers; ``GSPNAdapter.mount`` installs hooks that set
-``processor.grid`` before every call (or set it yourself).
+The token grid (H, W) of (B, N, C) tokens is not passed by diffusers; ``GSPNAdapter.mount`` sets
+``processor.grid`` before every call through ``gspn_diffusers.token_grid.hand_over_grid`` (or set it
+yourself, or call the processor with (B, C, H, W) input, whose grid is its shape).
 """
 
 from __future__ import annotations
