@@ -8,7 +8,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 from diffusers import UNet2DConditionModel
-from distill_utils import adapter_state, make_image_folder, max_abs_difference, read_log, run_distill
+from distill_utils import (
+    adapter_state, bench_distill_main, make_image_folder, max_abs_difference, read_log, run_distill,
+)
 
 from gspn_diffusers import GSPNAdapter
 from gspn_diffusers.distill import checkpoints
@@ -179,9 +181,10 @@ def test_prompts_file_needs_no_images_and_random_sdxl_benchmark(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a lighthouse at dawn\n\na red bicycle\nmountains in fog\n")
     bench = tmp_path / "bench.json"
-    out = run_distill(tmp_path / "prompts", "--random_sdxl", "tiny", "--prompts_file", str(prompts),
-                      "--teacher_sampling_steps", "2", "--max_train_steps", "6", "--train_batch_size", "1",
-                      "--benchmark_json", str(bench))
+    run_distill(tmp_path / "prompts", "--random_sdxl", "tiny", "--prompts_file", str(prompts),
+                "--teacher_sampling_steps", "2", "--max_train_steps", "6", "--train_batch_size", "1",
+                "--benchmark_json", str(bench), main=bench_distill_main())
+    out = tmp_path / "prompts" / "gspn"
     log = read_log(tmp_path / "prompts")
     assert len(log) == 6 and all(r["noise_loss"] > 0 and r["kd_loss"] > 0 for r in log)
     assert (out / "fidelity_report.json").exists() and GSPNAdapter.from_pretrained(out).config.layers
