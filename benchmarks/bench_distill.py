@@ -67,7 +67,8 @@ class Benchmark:
         self.records.append(record)
         out_of_time = self.max_train_seconds is not None and record["elapsed_s"] >= self.max_train_seconds
         if out_of_time:
-            distiller.accelerator.print(f"--max_train_seconds {self.max_train_seconds} reached at step {record['step']}")
+            distiller.accelerator.print(
+                f"--max_train_seconds {self.max_train_seconds} reached at step {record['step']}")
         self._data_before, self._step_start = distiller.data_seconds, time.perf_counter()  # checkpoints excluded
         return out_of_time
 

@@ -42,6 +42,7 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
 
 def resolve_resume(output_dir: str | Path, value: str | None) -> Path | None:
     """The checkpoint ``--resume_from_checkpoint`` names: ``latest`` (None if there is none) or a path."""
+    # Follows the resume_from_checkpoint handling of diffusers' train_text_to_image_sdxl.py ("latest", checkpoint-N).
     if not value:
         return None
     if value == "latest":

@@ -134,6 +134,8 @@ class Distiller:
     @torch.no_grad()
     def make_inputs(self, batch: dict, purpose: int = PURPOSE_NOISE) -> dict:
         """Conditioning, latents, per-sample noise and timestep (from the stream positions), noisy latents."""
+        # Follows the noising of diffusers' train_text_to_image_sdxl.py main loop (VAE latents * scaling_factor,
+        # DDPMScheduler.add_noise), with noise and timesteps drawn per sample from its stream position.
         args, device, dtype = self.args, self.device, self.weight_dtype
         embeds, pooled = encode_prompts(self.components, batch["prompts"], device)
         conditioning = time_ids(batch["original_sizes"], batch["crop_top_lefts"], args.resolution, device, dtype)
@@ -164,6 +166,8 @@ class Distiller:
     @torch.no_grad()
     def teacher_latents(self, embeds, added, init_noise) -> torch.Tensor:
         """--prompts_file: the teacher samples each prompt (Euler, classifier-free guidance) from init_noise."""
+        # Follows the denoising loop of diffusers' StableDiffusionXLPipeline.__call__ (guidance, scale_model_input,
+        # scheduler.step).
         from diffusers import EulerDiscreteScheduler
 
         scheduler = EulerDiscreteScheduler.from_config(self.components.scheduler_config)
