@@ -3,7 +3,7 @@
 #
 #   bash examples/distill.sh 8gpu     # a real distillation on 8 GPUs (one node)
 #   bash examples/distill.sh 1gpu     # the same run on 1 GPU: same global batch, same data order, same result
-#   bash examples/distill.sh smoke    # CPU, no weights: the tiny random SDXL, 4 steps at 64^2 (about a minute)
+#   bash examples/distill.sh smoke    # CPU, no weights: the tiny random SDXL, 3 steps at 64^2 (about a minute)
 #   bash examples/distill.sh bench1   # benchmark: random full-size SDXL, bf16, 1024^2, batch 1, 1 GPU, ~4 min
 #   bash examples/distill.sh bench2   # the same on 2 GPUs (DDP, 1 sample per GPU)
 #   bash examples/distill.sh bench2ref  # then: 1 GPU, 1 sample x 2 accumulation steps, to the step bench2 reached,
@@ -65,8 +65,8 @@ case "${1:-}" in
   smoke)
     OUT=${OUT%/}-smoke; bench_prompts "$OUT"
     python "$SCRIPT" --random_sdxl tiny --prompts_file "$OUT.prompts.txt" --output_dir "$OUT" --overwrite_output_dir \
-      --resolution 64 --teacher_sampling_steps 2 --max_train_steps 4 --layerwise_steps 2 --checkpointing_steps 2 \
-      --fidelity_timesteps 1 --learning_rate 1e-3
+      --resolution 64 --teacher_sampling_steps 2 --teacher_guidance_scale 1 --max_train_steps 3 --layerwise_steps 1 \
+      --checkpointing_steps 3 --fidelity_timesteps 1 --learning_rate 1e-3
     ;;
   bench1)
     OUT=${OUT%/}-bench1; bench_prompts "$OUT"
