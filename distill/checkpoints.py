@@ -4,6 +4,9 @@
     output_dir/checkpoint-N        complete: renamed from the temporary folder in one os.replace
     output_dir/gspn                the latest exported adapter, swapped in the same way
 
+    output_dir/train_log.jsonl     one line per optimizer step
+    output_dir/validation, output_dir/<--logging_dir>   validation images, tracker logs
+
 A kill at any moment leaves every ``checkpoint-N`` either absent or complete, so ``latest`` always
 finds a usable one. Old checkpoints are pruned (``--checkpoints_total_limit``) only after the new one
 is in place. A folder counts as a checkpoint only when it holds ``training_state.json``.
@@ -19,6 +22,8 @@ from pathlib import Path
 
 STATE_FILE = "training_state.json"
 ADAPTER_FOLDER = "gspn"
+LOG_FILE = "train_log.jsonl"
+VALIDATION_FOLDER = "validation"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -37,6 +42,7 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
 
 def resolve_resume(output_dir: str | Path, value: str | None) -> Path | None:
     """The checkpoint ``--resume_from_checkpoint`` names: ``latest`` (None if there is none) or a path."""
+    # Follows the resume_from_checkpoint handling of diffusers' train_text_to_image_sdxl.py ("latest", checkpoint-N).
     if not value:
         return None
     if value == "latest":
@@ -113,3 +119,29 @@ def remove_stale_temporaries(output_dir: str | Path) -> None:
                 shutil.rmtree(child, ignore_errors=True)
             else:
                 os.replace(child, original)
+
+
+def run_files(output_dir: str | Path, logging_dir: str) -> list[Path]:
+    """What a run wrote into ``output_dir`` (files of other origin, e.g. a prompts file, are not listed)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    named = {LOG_FILE, ADAPTER_FOLDER, VALIDATION_FOLDER}
+    if not Path(logging_dir).is_absolute():
+        named.add(Path(logging_dir).parts[0])
+    return sorted(
+        child for child in root.iterdir()
+        if child.name in named or _CHECKPOINT.match(child.name)
+        or child.name.startswith((".checkpoint-", f".{ADAPTER_FOLDER}."))
+    )
+
+
+def remove_run(output_dir: str | Path, logging_dir: str) -> list[Path]:
+    """Delete what a run wrote into ``output_dir`` (``--overwrite_output_dir``); returns what was removed."""
+    removed = run_files(output_dir, logging_dir)
+    for path in removed:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return removed

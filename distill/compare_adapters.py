@@ -3,7 +3,7 @@
     python -m gspn_diffusers.distill.compare_adapters RUN_A/gspn RUN_B/gspn --initial RUN_A/gspn-initial
 
 Prints the largest absolute weight difference and the relative L2 difference of the weights; with
-``--initial`` (the adapter before training, which a ``--benchmark_json`` run writes to
+``--initial`` (the adapter before training, which benchmarks/bench_distill.py writes to
 ``output_dir/gspn-initial``) also the relative difference of what training changed,
 ||(a - init) - (b - init)|| / ||a - init||, the measure that says whether two runs trained alike.
 ``--tolerance T`` exits 1 when that measure (or, without --initial, the relative weight difference)

@@ -198,6 +198,7 @@ def sdxl_crop(image, resolution: int, generator: torch.Generator, center_crop: b
     Resize the shorter side to ``resolution``, crop a square (centre or random), flip horizontally with
     probability 1/2 when ``random_flip``. Returns (pixels (3, R, R) in [-1, 1], original_size (h, w),
     crop_top_left (top, left)) -- the size/crop conditioning SDXL was trained with.
+    Follows preprocess_train of diffusers' train_text_to_image_sdxl.py.
     """
     from PIL import Image
 

@@ -43,10 +43,10 @@ from gspn_diffusers.distill.losses import AttentionTap, feature_losses, per_samp
 from gspn_diffusers.distill.models import (
     SDXLShape, check_sdxl_shape, encode_prompts, load_sdxl, random_sdxl, time_ids,
 )
+from gspn_diffusers.distill.run_settings import check_resume_settings, run_settings
 from gspn_diffusers.distill.student import GSPNStudent, teacher_mode
 
 logger = logging.getLogger("gspn_diffusers.distill")
-LOG_FILE = "train_log.jsonl"
 METRICS = ("loss", "noise_loss", "kd_loss", "feature_loss", "elapsed_s")
 
 
@@ -68,6 +68,16 @@ def check_inputs(args):
             raise DistillInputError(
                 f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a complete checkpoint folder "
                 f"(no {checkpoints.STATE_FILE})"
+            )
+    if resume is None and not args.overwrite_output_dir:
+        found = checkpoints.run_files(args.output_dir, args.logging_dir)
+        if found:
+            what = ", ".join(path.name for path in found[:6]) + (", ..." if len(found) > 6 else "")
+            without = " (it has no complete checkpoint to resume from)" if args.resume_from_checkpoint else ""
+            raise DistillInputError(
+                f"--output_dir {args.output_dir} holds a run{without}: {what}. Resume it with "
+                "--resume_from_checkpoint latest, choose another --output_dir, or pass --overwrite_output_dir "
+                "to delete that run and start anew"
             )
     return shape, source, resume
 
@@ -114,14 +124,18 @@ class Distiller:
         self.noise_scheduler = DDPMScheduler.from_config(self.components.scheduler_config)
         self.latent_shape = (shape.latent_channels,) + (args.resolution // shape.vae_scale_factor,) * 2
         self.dataset = DistillDataset(source, args.resolution, args.seed, args.center_crop, args.random_flip)
+        self.settings = run_settings(args, accelerator.num_processes, accelerator.mixed_precision)
         self._fidelity_inputs = None
         self._teacher_images_done = False  # the teacher's validation images are made once per run
+        self._started = time.perf_counter()
 
     # ------------------------------------------------------------------------------------ inputs
 
     @torch.no_grad()
     def make_inputs(self, batch: dict, purpose: int = PURPOSE_NOISE) -> dict:
         """Conditioning, latents, per-sample noise and timestep (from the stream positions), noisy latents."""
+        # Follows the noising of diffusers' train_text_to_image_sdxl.py main loop (VAE latents * scaling_factor,
+        # DDPMScheduler.add_noise), with noise and timesteps drawn per sample from its stream position.
         args, device, dtype = self.args, self.device, self.weight_dtype
         embeds, pooled = encode_prompts(self.components, batch["prompts"], device)
         conditioning = time_ids(batch["original_sizes"], batch["crop_top_lefts"], args.resolution, device, dtype)
@@ -152,6 +166,8 @@ class Distiller:
     @torch.no_grad()
     def teacher_latents(self, embeds, added, init_noise) -> torch.Tensor:
         """--prompts_file: the teacher samples each prompt (Euler, classifier-free guidance) from init_noise."""
+        # Follows the denoising loop of diffusers' StableDiffusionXLPipeline.__call__ (guidance, scale_model_input,
+        # scheduler.step).
         from diffusers import EulerDiscreteScheduler
 
         scheduler = EulerDiscreteScheduler.from_config(self.components.scheduler_config)
@@ -253,7 +269,8 @@ class Distiller:
         if accelerator.is_main_process:
             report = self.export_adapter(tmp / checkpoints.ADAPTER_FOLDER, step)
             state = dict(global_step=step, num_processes=accelerator.num_processes,
-                         global_batch_size=self.global_batch_size, seed=args.seed, layers=self.layers)
+                         global_batch_size=self.global_batch_size, seed=args.seed, layers=self.layers,
+                         settings=self.settings)
             final = checkpoints.finalize(args.output_dir, step, state, args.checkpoints_total_limit)
             print(f"Saved {final} and exported the adapter to {Path(args.output_dir) / checkpoints.ADAPTER_FOLDER}",
                   flush=True)
@@ -267,50 +284,90 @@ class Distiller:
 
     # ------------------------------------------------------------------------------------- train
 
-    def train(self, resume: Path | None) -> dict:
+    def resume(self, checkpoint: Path) -> int:
+        """Restore adapter, optimizer, lr scheduler and RNG states from ``checkpoint``; returns its step.
+
+        Log lines after that step (written before the run was stopped) are dropped.
+        """
+        accelerator = self.accelerator
+        accelerator.load_state(str(checkpoint))
+        step = checkpoints.read_state(checkpoint)["global_step"]
+        log_path = Path(self.args.output_dir) / checkpoints.LOG_FILE
+        if accelerator.is_main_process and log_path.exists():
+            kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            log_path.write_text("".join(line + "\n" for line in kept))
+        accelerator.print(
+            f"Resumed from {checkpoint} at step {step}/{self.args.max_train_steps}: adapter, optimizer, lr scheduler "
+            f"and RNG states restored; the data stream continues at sample {step * self.global_batch_size} "
+            f"({step * self.args.gradient_accumulation_steps} micro-batches already seen are skipped, nothing is "
+            "reshuffled)"
+        )
+        return step
+
+    def batches(self, global_step: int):
+        """The micro-batches of this process from optimizer step ``global_step`` on (the stream's order)."""
+        args, accelerator = self.args, self.accelerator
+        return iter(make_dataloader(self.dataset, args.train_batch_size, accelerator.process_index,
+                                    accelerator.num_processes, args.seed,
+                                    global_step * args.gradient_accumulation_steps, args.dataloader_num_workers))
+
+    def train_step(self, global_step: int, batches) -> dict:
+        """One optimizer step (its micro-batches accumulated); returns its log record, the same on every process."""
+        # The accumulate / backward / clip / step sequence follows diffusers' train_text_to_image_sdxl.py main loop.
+        args, accelerator = self.args, self.accelerator
+        stage = "layerwise" if global_step < args.layerwise_steps else "end_to_end"
+        metrics = torch.zeros(len(METRICS) - 1 + len(self.layers), device=self.device)
+        for _ in range(args.gradient_accumulation_steps):
+            batch = next(batches)
+            with accelerator.accumulate(self.student):
+                inputs = self.make_inputs(batch)
+                loss, step_metrics = self.losses(stage, inputs)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(self.student.parameters(), args.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            metrics += step_metrics / args.gradient_accumulation_steps
+            del inputs, loss
+        elapsed = torch.tensor([time.perf_counter() - self._started], device=self.device)
+        values = accelerator.reduce(torch.cat([metrics[:4], elapsed, metrics[4:]]), "mean").tolist()  # every process
+        return dict(step=global_step + 1, stage=stage, lr=self.lr_scheduler.get_last_lr()[0],
+                    **dict(zip(METRICS, values[:5])), layer_feature_loss=values[5:])
+
+    def log(self, record: dict) -> None:
+        """Append ``record`` to train_log.jsonl and send its numbers to the trackers (main process)."""
+        if self.accelerator.is_main_process:
+            with (Path(self.args.output_dir) / checkpoints.LOG_FILE).open("a") as log:
+                log.write(json.dumps(record) + "\n")
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=record["step"])
+
+    def validate(self, step: int) -> None:
+        """Validation images of the student (and, the first time, the teacher); every process waits."""
+        if self.accelerator.is_main_process:
+            from gspn_diffusers.distill.validation import log_validation
+
+            log_validation(self.accelerator, self.components, self.adapter, self.args, step,
+                           with_teacher=not self._teacher_images_done)
+            self._teacher_images_done = True
+        self.accelerator.wait_for_everyone()
+
+    def train(self, resume: Path | None, callbacks=()) -> int:
+        """Train to ``--max_train_steps`` (from ``resume`` if given); returns the last step.
+
+        ``callbacks``: objects with any of ``on_train_begin(distiller, step)``, ``on_step_end(distiller,
+        record) -> bool`` (True stops the run after this step; it must answer alike on every process, e.g.
+        from the record, which is) and ``on_train_end(distiller, step)``; all are called on every process.
+        The last step is always checkpointed and its adapter published to output_dir/gspn.
+        """
         from tqdm.auto import tqdm
 
         args, accelerator = self.args, self.accelerator
-        accumulation = args.gradient_accumulation_steps
-        output_dir = Path(args.output_dir)
-        log_path = output_dir / LOG_FILE
-        global_step = 0
-        if resume is not None:
-            accelerator.load_state(str(resume))
-            state = checkpoints.read_state(resume)
-            global_step = state["global_step"]
-            if state.get("global_batch_size") != self.global_batch_size:
-                logger.warning("the checkpoint was made with global batch %s, this run has %s: the data order differs",
-                               state.get("global_batch_size"), self.global_batch_size)
-            if accelerator.is_main_process and log_path.exists():  # drop steps logged after the checkpoint
-                kept = [line for line in log_path.read_text().splitlines()
-                        if line and json.loads(line)["step"] <= global_step]
-                log_path.write_text("".join(line + "\n" for line in kept))
-            accelerator.print(
-                f"Resumed from {resume} at step {global_step}/{args.max_train_steps}: adapter, optimizer, lr scheduler "
-                f"and RNG states restored; the data stream continues at sample {global_step * self.global_batch_size} "
-                f"({global_step * accumulation} micro-batches already seen are skipped, nothing is reshuffled)"
-            )
-        elif args.resume_from_checkpoint:
-            accelerator.print(f"No checkpoint in {output_dir} to resume from; starting a new run")
-        if accelerator.is_main_process and resume is None:
-            log_path.unlink(missing_ok=True)
-
-        loader = make_dataloader(self.dataset, args.train_batch_size, accelerator.process_index,
-                                 accelerator.num_processes, args.seed, global_step * accumulation,
-                                 args.dataloader_num_workers)
-        batches = iter(loader)
-        bench = dict(step_seconds=[], data_seconds=[], first=None, last=None, setup_peak_gib=0.0)
-        if args.benchmark_json and accelerator.is_main_process:
-            if resume is None:  # what both runs of a 1-vs-N-process comparison start from (compare_adapters.py)
-                self.adapter.save_pretrained(output_dir / "gspn-initial")
-            if args.fidelity_timesteps:
-                bench["fidelity_start"] = self.fidelity()
-        accelerator.wait_for_everyone()
-        if self.device.type == "cuda":
-            bench["setup_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            torch.cuda.reset_peak_memory_stats(self.device)
-
+        global_step = self.resume(resume) if resume is not None else 0
+        batches = self.batches(global_step)
+        for callback in callbacks:
+            if hasattr(callback, "on_train_begin"):
+                callback.on_train_begin(self, global_step)
         accelerator.print(
             f"Distilling {len(self.layers)} GSPN layers ({sum(p.numel() for p in self.adapter.parameters()):,} "
             f"parameters) on {accelerator.num_processes} process(es): {len(self.dataset)} samples, global batch "
@@ -319,118 +376,59 @@ class Distiller:
         )
         progress = tqdm(total=args.max_train_steps, initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
-        started = time.perf_counter()
+        self._started = time.perf_counter()
         last_saved = global_step if resume is not None else None
         while global_step < args.max_train_steps:
-            stage = "layerwise" if global_step < args.layerwise_steps else "end_to_end"
-            step_start, data_time = time.perf_counter(), 0.0
-            metrics = torch.zeros(len(METRICS) - 1 + len(self.layers), device=self.device)
-            for _ in range(accumulation):
-                batch = next(batches)
-                with accelerator.accumulate(self.student):
-                    data_start = time.perf_counter()
-                    inputs = self.make_inputs(batch)
-                    data_time += time.perf_counter() - data_start
-                    loss, step_metrics = self.losses(stage, inputs)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(self.student.parameters(), args.max_grad_norm)
-                    self.optimizer.step()
-                    self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                metrics += step_metrics / accumulation
-                del inputs, loss
-            global_step += 1
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            bench["step_seconds"].append(time.perf_counter() - step_start)
-            bench["data_seconds"].append(data_time)
-            elapsed = torch.tensor([time.perf_counter() - started], device=self.device)
-            reduced = accelerator.reduce(torch.cat([metrics[:4], elapsed, metrics[4:]]), "mean")  # every process
-            values = reduced.tolist()
-            record = dict(step=global_step, stage=stage, lr=self.lr_scheduler.get_last_lr()[0],
-                          **dict(zip(METRICS, values[:5])), layer_feature_loss=values[5:])
-            bench["first"] = bench["first"] or record
-            bench["last"] = record
-            if accelerator.is_main_process:
-                with log_path.open("a") as log:
-                    log.write(json.dumps(record) + "\n")
-                accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=global_step)
+            record = self.train_step(global_step, batches)
+            global_step = record["step"]
+            self.log(record)
             progress.update(1)
-            progress.set_postfix(loss=f"{values[0]:.4g}", noise=f"{values[1]:.3g}", kd=f"{values[2]:.3g}",
-                                 feat=f"{values[3]:.3g}", lr=f"{record['lr']:.2g}", stage=stage[:5])
-            out_of_time = args.max_train_seconds is not None and values[4] >= args.max_train_seconds
+            progress.set_postfix(loss=f"{record['loss']:.4g}", noise=f"{record['noise_loss']:.3g}",
+                                 kd=f"{record['kd_loss']:.3g}", feat=f"{record['feature_loss']:.3g}",
+                                 lr=f"{record['lr']:.2g}", stage=record["stage"][:5])
             if global_step % args.checkpointing_steps == 0:
                 self.save_checkpoint(global_step)
                 last_saved = global_step
             if args.validation_prompt and global_step % args.validation_steps == 0:
-                if accelerator.is_main_process:
-                    from gspn_diffusers.distill.validation import log_validation
-
-                    log_validation(accelerator, self.components, self.adapter, args, global_step,
-                                   with_teacher=not self._teacher_images_done)
-                    self._teacher_images_done = True
-                accelerator.wait_for_everyone()
-            if out_of_time:
-                accelerator.print(f"--max_train_seconds {args.max_train_seconds} reached at step {global_step}")
+                self.validate(global_step)
+            stops = [callback.on_step_end(self, record) for callback in callbacks if hasattr(callback, "on_step_end")]
+            if any(stops):
                 break
         progress.close()
         if last_saved != global_step:
             self.save_checkpoint(global_step)
-        elif accelerator.is_main_process:
-            path = output_dir / f"checkpoint-{global_step}" / checkpoints.ADAPTER_FOLDER
+        elif accelerator.is_main_process:  # resumed at the last step: publish its adapter again
+            path = Path(args.output_dir) / f"checkpoint-{global_step}" / checkpoints.ADAPTER_FOLDER
             if path.is_dir():
-                checkpoints.publish_adapter(path, output_dir)
-        bench["final_step"] = global_step
-        return bench
+                checkpoints.publish_adapter(path, args.output_dir)
+        for callback in callbacks:
+            if hasattr(callback, "on_train_end"):
+                callback.on_train_end(self, global_step)
+        return global_step
 
 
-def write_benchmark(path: str, distiller: Distiller, bench: dict, peaks: list[float]) -> dict:
-    args, accelerator = distiller.args, distiller.accelerator
-    steps = bench["step_seconds"]
-    if not steps:
-        print(f"benchmark: no step ran (the run was already at step {bench['final_step']}); {path} not written")
-        return {}
-    timed = steps[2:] if len(steps) > 4 else steps[1:] or steps  # the first steps build caches and kernels
-    median = sorted(timed)[len(timed) // 2]
-    data = sorted(bench["data_seconds"][-len(timed):])[len(timed) // 2]
-    final_report = None
-    report_path = Path(args.output_dir) / checkpoints.ADAPTER_FOLDER / "fidelity_report.json"
-    if report_path.exists():
-        final_report = json.loads(report_path.read_text())
-    first, last = bench["first"], bench["last"]
-    result = dict(
-        device=torch.cuda.get_device_name(distiller.device) if distiller.device.type == "cuda" else "cpu",
-        num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
-        model=args.pretrained_model_name_or_path or f"random {args.random_sdxl} SDXL",
-        resolution=args.resolution, train_batch_size=args.train_batch_size,
-        global_batch_size=distiller.global_batch_size, gradient_checkpointing=args.gradient_checkpointing,
-        layers=distiller.layers, steps_run=len(steps), final_step=bench["final_step"],
-        seconds_per_step=median, steps_per_second=1.0 / median, data_seconds_per_step=data,
-        step_seconds=steps, peak_memory_gib_per_process=peaks, setup_peak_memory_gib_main=bench["setup_peak_gib"],
-        gspn_backend="cuda" if distiller.device.type == "cuda" else "reference",
-        feature_loss_first_step=dict(step=first["step"], stage=first["stage"], mean=first["feature_loss"],
-                                     per_layer=dict(zip(distiller.layers, first["layer_feature_loss"]))),
-        feature_loss_last_step=dict(step=last["step"], stage=last["stage"], mean=last["feature_loss"],
-                                    per_layer=dict(zip(distiller.layers, last["layer_feature_loss"]))),
-        fidelity_start=(bench.get("fidelity_start") or {}).get("mean"),
-        fidelity_end=(final_report or {}).get("mean"),
-    )
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2))
-    print(f"benchmark: {median:.3f} s/step, peak {max(peaks):.1f} GiB, feature loss "
-          f"{first['feature_loss']:.4g} (step {first['step']}) -> {last['feature_loss']:.4g} (step {last['step']}); "
-          f"wrote {path}", flush=True)
-    return result
+def prepare_output_dir(args, accelerator) -> None:
+    """Main process: remove a killed save's leftovers and, with --overwrite_output_dir, the old run."""
+    if accelerator.is_main_process:
+        output_dir = Path(args.output_dir)
+        if args.overwrite_output_dir:
+            for path in checkpoints.remove_run(output_dir, args.logging_dir):
+                logger.info("--overwrite_output_dir: removed %s", path)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoints.remove_stale_temporaries(output_dir)
+    accelerator.wait_for_everyone()
 
 
-def main(argv=None) -> Path:
-    """Run a distillation; returns the exported adapter folder (output_dir/gspn)."""
+def setup(args, distiller_class=None):
+    """Check the input, start accelerate, build the models: returns (distiller, checkpoint to resume or None).
+
+    Everything that can be refused is refused (DistillInputError) in every process before anything is
+    written or loaded. ``distiller_class``: a ``Distiller`` subclass to build instead (benchmarks).
+    """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
-    args = parse_args(argv)
-    shape, source, resume = check_inputs(args)  # refuses bad input in every process, before any collective
+    shape, source, resume = check_inputs(args)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -440,28 +438,29 @@ def main(argv=None) -> Path:
                                             logging_dir=str(output_dir / args.logging_dir)),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
+    settings = run_settings(args, accelerator.num_processes, accelerator.mixed_precision)
+    if resume is not None:
+        check_resume_settings(resume, checkpoints.read_state(resume).get("settings"), settings)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
                         if accelerator.is_main_process else logging.WARNING)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        checkpoints.remove_stale_temporaries(output_dir)
-    accelerator.wait_for_everyone()
-
-    distiller = Distiller(args, accelerator, shape, source)
+    prepare_output_dir(args, accelerator)
+    distiller = (distiller_class or Distiller)(args, accelerator, shape, source)
     if accelerator.is_main_process:
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name, config=config)
-    bench = distiller.train(resume)
-    peak = torch.cuda.max_memory_allocated(distiller.device) / 2**30 if distiller.device.type == "cuda" else 0.0
-    peaks = accelerator.gather(torch.tensor([peak], device=distiller.device)).tolist()  # every process
-    if accelerator.is_main_process and args.benchmark_json:
-        write_benchmark(args.benchmark_json, distiller, bench, peaks)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return output_dir / checkpoints.ADAPTER_FOLDER
+    return distiller, resume
+
+
+def main(argv=None) -> Path:
+    """Run a distillation; returns the exported adapter folder (output_dir/gspn)."""
+    distiller, resume = setup(parse_args(argv))
+    distiller.train(resume)
+    distiller.accelerator.wait_for_everyone()
+    distiller.accelerator.end_training()
+    return Path(distiller.args.output_dir) / checkpoints.ADAPTER_FOLDER
 
 
 def cli() -> None:

@@ -7,10 +7,12 @@ whether it is one process's batch or split over several processes (DDP averages 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import torch
-from diffusers import Transformer2DModel
 from torch import nn
+
+from gspn_diffusers.token_grid import hand_over_grid
 
 FEATURE_EPS = 1e-8
 
@@ -47,8 +49,9 @@ class AttentionTap:
     """Forward hooks on the attn1 modules of the UNet: they see whatever processor is in place.
 
     Idle unless inside ``capture()``, so a gradient-checkpointing recomputation during backward
-    records nothing. ``capture(inputs=True)`` also records each layer's input tokens and the token
-    grid (H, W) of its ``Transformer2DModel`` (what the layerwise stage feeds the processors).
+    records nothing. ``capture(inputs=True)`` also records each layer's input tokens and their grid
+    (H, W), handed over by ``hand_over_grid`` as it is to the mounted processors (what the layerwise
+    stage feeds the processors).
     """
 
     def __init__(self, unet: nn.Module, modules: dict[str, nn.Module]):
@@ -57,14 +60,11 @@ class AttentionTap:
         self._outputs: dict | None = None
         self._inputs: dict | None = None
         self._grids: dict | None = None
-        self._current_grid = None
-        self._handles = []
+        self._grid_of = {layer: SimpleNamespace(grid=None) for layer in modules}
+        self._handles = hand_over_grid(unet, self._grid_of)
         for layer, module in modules.items():
             self._handles.append(module.register_forward_hook(self._output_hook(layer)))
             self._handles.append(module.register_forward_pre_hook(self._input_hook(layer), with_kwargs=True))
-        for name, module in unet.named_modules():
-            if isinstance(module, Transformer2DModel) and any(layer.startswith(name + ".") for layer in modules):
-                self._handles.append(module.register_forward_pre_hook(self._grid_hook, with_kwargs=True))
 
     def _output_hook(self, layer):
         def hook(module, args, output):
@@ -77,13 +77,9 @@ class AttentionTap:
         def hook(module, args, kwargs):
             if self._inputs is not None:
                 self._inputs[layer] = args[0] if args else kwargs["hidden_states"]
-                self._grids[layer] = self._current_grid
+                self._grids[layer] = self._grid_of[layer].grid
 
         return hook
-
-    def _grid_hook(self, module, args, kwargs):
-        hidden_states = args[0] if args else kwargs["hidden_states"]
-        self._current_grid = tuple(hidden_states.shape[-2:]) if hidden_states.ndim == 4 else None
 
     @contextmanager
     def capture(self, inputs: bool = False):

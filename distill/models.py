@@ -144,6 +144,7 @@ def random_sdxl(kind: str, device, weight_dtype, seed: int = 0) -> SDXLComponent
 @torch.no_grad()
 def encode_prompts(components: SDXLComponents, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL's text conditioning: (penultimate hidden states of both encoders concatenated, pooled)."""
+    # Follows encode_prompt of diffusers' train_text_to_image_sdxl.py (and StableDiffusionXLPipeline.encode_prompt).
     hidden, pooled = [], None
     for tokenizer, encoder in ((components.tokenizer, components.text_encoder),
                                (components.tokenizer_2, components.text_encoder_2)):
@@ -157,5 +158,6 @@ def encode_prompts(components: SDXLComponents, prompts: list[str], device) -> tu
 
 def time_ids(original_sizes, crop_top_lefts, resolution: int, device, dtype) -> torch.Tensor:
     """(B, 6) SDXL micro-conditioning: original (h, w), crop (top, left), target (h, w)."""
+    # Follows compute_time_ids of diffusers' train_text_to_image_sdxl.py.
     rows = [list(size) + list(crop) + [resolution, resolution] for size, crop in zip(original_sizes, crop_top_lefts)]
     return torch.tensor(rows, device=device, dtype=dtype)

@@ -62,7 +62,8 @@ class GSPNStudent(nn.Module):
         if mode == "layerwise":
             outputs = {}
             for layer, processor in self.adapter.processors_by_layer().items():
-                processor.grid = inputs["grids"][layer]
-                outputs[layer] = processor(tap.modules[layer], inputs["tokens"][layer])
+                # image-shaped (B, C, H, W) input: the processor takes the grid from the shape
+                image = inputs["tokens"][layer].transpose(1, 2).unflatten(2, inputs["grids"][layer])
+                outputs[layer] = processor(tap.modules[layer], image).flatten(2).transpose(1, 2)
             return outputs
         raise ValueError(f"unknown mode {mode!r}")

@@ -38,6 +38,7 @@ def _generate(pipe, args, device) -> list:
 
 def log_validation(accelerator, components, adapter, args, step: int, with_teacher: bool) -> Path:
     """Save student (and teacher) images to output_dir/validation/step-N and send them to the trackers."""
+    # Follows log_validation of diffusers' train_text_to_image_sdxl.py (tracker image logging).
     folder = Path(args.output_dir) / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
     pipe = _pipeline(components, components.unet)

@@ -4,6 +4,7 @@ Public API (imported lazily, so that ``import gspn_diffusers`` stays cheap):
     gspn_propagate                  the GSPN-2 op (gspn_diffusers.ops)
     GSPN2AttnProcessor              GSPN-2 as a self-attention processor (gspn_diffusers.processor)
     GSPNAdapter                     a UNet's processors: save/load, mount/unmount (gspn_diffusers.adapter)
+    hand_over_grid                  gives processors (or any receiver) each call's token grid (gspn_diffusers.token_grid)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ _LAZY = {
     "gspn_propagate": "gspn_diffusers.ops",
     "GSPN2AttnProcessor": "gspn_diffusers.processor",
     "GSPNAdapter": "gspn_diffusers.adapter",
+    "hand_over_grid": "gspn_diffusers.token_grid",
     "GSPNStableDiffusionXLPipeline": "gspn_diffusers.pipelines",
 }
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 
-from diffusers import Transformer2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .processor import GSPN2AttnProcessor, proxy_width
+from .token_grid import hand_over_grid
 
 _PROCESSOR_SUFFIX = ".processor"
 
@@ -30,14 +29,6 @@ def self_attention_layers(unet: nn.Module) -> list[str]:
         for name, module in unet.named_modules()
         if isinstance(module, Attention) and name.split(".")[-1] == "attn1" and not module.is_cross_attention
     ]
-
-
-def _hand_over_grid(processors: list[GSPN2AttnProcessor], module, args, kwargs) -> None:
-    """Forward pre-hook of a Transformer2DModel: give its input's (H, W) to the processors inside."""
-    hidden_states = args[0] if args else kwargs["hidden_states"]
-    grid = tuple(hidden_states.shape[-2:]) if hidden_states.ndim == 4 else None
-    for processor in processors:
-        processor.grid = grid
 
 
 @dataclass
@@ -177,46 +168,42 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
             found[layer] = module
         return found
 
-    def _grid_hook_plan(self, unet: nn.Module) -> list[tuple[nn.Module, list[GSPN2AttnProcessor]]]:
-        """For each Transformer2DModel holding replaced layers: (that module, the processors inside)."""
-        plan, covered = [], set()
-        by_layer = self.processors_by_layer()
-        for name, module in unet.named_modules():
-            if not isinstance(module, Transformer2DModel):
-                continue
-            inside = [layer for layer in by_layer if layer.startswith(name + ".")]
-            if inside:
-                plan.append((module, [by_layer[layer] for layer in inside]))
-                covered.update(inside)
-        outside = [layer for layer in by_layer if layer not in covered]
-        if outside:
-            raise ValueError(
-                f"GSPNAdapter: layer {outside[0]!r} is not inside a Transformer2DModel, so its token grid "
-                "is unknown"
-            )
-        return plan
-
     @property
     def is_mounted(self) -> bool:
         return self._mount is not None
 
-    def mount(self, unet: nn.Module, *, match_dtype: bool = True) -> "GSPNAdapter":
+    def uncovered_layers(self, unet: nn.Module) -> list[str]:
+        """The ``attn1`` layers of ``unet`` this adapter has no processor for (they would stay softmax)."""
+        covered = set(self.config.layers)
+        return [layer for layer in self_attention_layers(unet) if layer not in covered]
+
+    def mount(self, unet: nn.Module, *, match_dtype: bool = True, partial: bool = False) -> "GSPNAdapter":
         """Swap the processors into ``unet`` (``set_attn_processor``) and install the grid hooks.
 
-        Checks the fit first. Moves the processors to the UNet's device and, with ``match_dtype``, its
-        dtype (pass False to keep float32 weights for training a half-precision UNet; they are cast
-        per call). The UNet's own weights are not touched. Returns self.
+        Checks the fit first: every adapter layer must be an ``attn1`` of ``unet`` with the same width,
+        and every ``attn1`` of ``unet`` must have a processor -- an adapter made for a UNet with fewer
+        transformer layers is refused (ValueError naming the uncovered layers) unless ``partial=True``,
+        which leaves those layers on softmax attention. Moves the processors to the UNet's device and,
+        with ``match_dtype``, its dtype (pass False to keep float32 weights for training a
+        half-precision UNet; they are cast per call). The UNet's own weights are not touched. Returns self.
         """
         if self._mount is not None:
             raise RuntimeError("GSPNAdapter is already mounted; unmount it first")
         self.attention_modules(unet)
-        plan = self._grid_hook_plan(unet)
+        uncovered = self.uncovered_layers(unet)
+        if uncovered and not partial:
+            raise ValueError(
+                f"GSPNAdapter covers {len(self.config.layers)} of this UNet's "
+                f"{len(self.config.layers) + len(uncovered)} self-attention layers (it was made for another "
+                f"UNet); these would stay softmax: {uncovered}. Pass partial=True to mount it anyway."
+            )
         current = unet.attn_processors
         foreign = [key for key, p in current.items() if isinstance(p, GSPN2AttnProcessor)]
         if foreign:
             raise RuntimeError(
                 f"this UNet already has a GSPN processor at {foreign[0]!r}; unmount that adapter first"
             )
+        hooks = hand_over_grid(unet, self.processors_by_layer())
         reference = next(unet.parameters())
         dtype = reference.dtype if match_dtype else None
         for processor in self.processors:
@@ -226,10 +213,6 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
         for layer, processor in self.processors_by_layer().items():
             swapped[layer + _PROCESSOR_SUFFIX] = processor
         unet.set_attn_processor(swapped)
-        hooks = [
-            module.register_forward_pre_hook(partial(_hand_over_grid, processors), with_kwargs=True)
-            for module, processors in plan
-        ]
         self._mount = _Mount(weakref.ref(unet), current, hooks)
         return self
 
@@ -245,9 +228,9 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
         self._mount = None
 
     @contextmanager
-    def mounted(self, unet: nn.Module, *, match_dtype: bool = True):
+    def mounted(self, unet: nn.Module, *, match_dtype: bool = True, partial: bool = False):
         """``with adapter.mounted(unet): ...`` runs the block with GSPN, then restores the teacher."""
-        self.mount(unet, match_dtype=match_dtype)
+        self.mount(unet, match_dtype=match_dtype, partial=partial)
         try:
             yield self
         finally:

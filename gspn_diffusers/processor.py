@@ -14,8 +14,9 @@ Without autograd (``torch.no_grad`` / ``inference_mode``, or nothing requiring g
 ``mix_inference``: the same computation in fewer kernels, with biases carried inside the GEMMs, and, after
 ``fuse_projections()``, ``up`` folded into the layer's ``to_out[0]``. Training runs ``mix``.
 
-The token grid (H, W) is not passed by diffusers; ``GSPNAdapter.mount`` installs hooks that set
-``processor.grid`` before every call (or set it yourself).
+The token grid (H, W) of (B, N, C) tokens is not passed by diffusers; ``GSPNAdapter.mount`` sets
+``processor.grid`` before every call through ``gspn_diffusers.token_grid.hand_over_grid`` (or set it
+yourself, or call the processor with (B, C, H, W) input, whose grid is its shape).
 """
 
 from __future__ import annotations

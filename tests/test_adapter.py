@@ -207,3 +207,25 @@ def test_unet_benchmark_smoke_runs_on_cpu(capsys):
     # size | softmax | gspn | gspn-fused | floor | host times | peaks
     assert len(rows) == 2 and all(len(row) == 7 and all("x)" in row[i] for i in (1, 2, 3)) for row in rows)
     assert all(len(row[5].split()) == 4 for row in rows)
+
+
+def test_an_adapter_for_fewer_transformer_layers_is_refused_unless_partial(unet, teacher_output):
+    config = dict(tiny_unet_config(), transformer_layers_per_block=(1, 1, 1))
+    smaller = GSPNAdapter.for_unet(UNet2DConditionModel(**config))
+    uncovered = sorted(set(smaller.uncovered_layers(unet)))
+    assert uncovered == ["down_blocks.2.attentions.0.transformer_blocks.1.attn1",
+                         "mid_block.attentions.0.transformer_blocks.1.attn1",
+                         "up_blocks.0.attentions.0.transformer_blocks.1.attn1",
+                         "up_blocks.0.attentions.1.transformer_blocks.1.attn1"]
+    before = dict(unet.attn_processors)
+    with pytest.raises(ValueError) as error:
+        smaller.mount(unet)
+    assert all(layer in str(error.value) for layer in uncovered) and "partial=True" in str(error.value)
+    assert not smaller.is_mounted and unet.attn_processors == before  # nothing changed
+
+    with smaller.mounted(unet, partial=True):
+        processors = unet.attn_processors
+        assert all(isinstance(processors[layer + ".processor"], GSPN2AttnProcessor) for layer in smaller.config.layers)
+        assert all(processors[layer + ".processor"] is before[layer + ".processor"] for layer in uncovered)
+        assert torch.isfinite(run(unet)).all()
+    assert unet.attn_processors == before

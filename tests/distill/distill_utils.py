@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,13 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def run_distill(output_dir: Path, *flags: str, model: Path | None = None, data: Path | None = None) -> Path:
-    from gspn_diffusers.distill.distill_sdxl import main
+BENCH_DISTILL = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_distill.py"
+
+
+def run_distill(output_dir: Path, *flags: str, model: Path | None = None, data: Path | None = None, main=None):
+    """distill_sdxl.main (or ``main``, e.g. ``bench_distill_main()``) in this process, on TINY_RUN's flags."""
+    if main is None:
+        from gspn_diffusers.distill.distill_sdxl import main
 
     argv = ["--output_dir", str(output_dir), *TINY_RUN]
     if model is not None:
@@ -52,6 +58,10 @@ def run_distill(output_dir: Path, *flags: str, model: Path | None = None, data: 
         return main(argv)
     finally:
         reset_accelerate()
+
+
+def bench_distill_main():
+    return runpy.run_path(str(BENCH_DISTILL))["main"]
 
 
 def read_log(output_dir: Path) -> list[dict]:

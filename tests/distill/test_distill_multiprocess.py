@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from distill_utils import TINY_RUN, make_image_folder, read_log, run_distill
+from distill_utils import BENCH_DISTILL, TINY_RUN, make_image_folder, read_log, run_distill
 
 import gspn_diffusers.distill.distill_sdxl as script
 from gspn_diffusers.distill import checkpoints, compare_adapters
@@ -32,7 +32,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(tmp_path: Path, *script_args: str) -> subprocess.CompletedProcess:
+def accelerate_launch(tmp_path: Path, *script_args: str, script_file=script.__file__) -> subprocess.CompletedProcess:
     launcher = Path(sys.executable).parent / "accelerate"
     prefix = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf_home"),
@@ -40,7 +40,7 @@ def accelerate_launch(tmp_path: Path, *script_args: str) -> subprocess.Completed
     command = prefix + [
         "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
-        script.__file__, *script_args,
+        str(script_file), *script_args,
     ]
     if prefix[-1] == "accelerate.commands.launch":
         command.remove("launch")
@@ -64,6 +64,7 @@ def test_two_processes_agree_with_one(tmp_path, tiny_sdxl_path):
         "--output_dir", str(two), *TINY_RUN, *RUN, "--train_batch_size", "1", "--ddp_timeout", "120",
         "--validation_prompt", "a cat", "--validation_steps", "2", "--num_validation_images", "1",
         "--validation_inference_steps", "2", "--benchmark_json", str(tmp_path / "bench.json"),
+        script_file=BENCH_DISTILL,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert "2 process(es)" in result.stdout
@@ -80,7 +81,7 @@ def test_two_processes_agree_with_one(tmp_path, tiny_sdxl_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["layer_feature_loss"] == pytest.approx(b["layer_feature_loss"], rel=1e-4)
 
-    initial = str(two / "gspn-initial")  # written by the --benchmark_json run
+    initial = str(two / "gspn-initial")  # written by bench_distill.py
     same = compare_adapters.main([str(one), str(two / "gspn"), "--initial", initial, "--tolerance", "1e-3"])
     assert same["training_change_l2"] > 1e-3
     different = compare_adapters.compare(*(compare_adapters._state(str(f)) for f in (one, other_batch, initial)))

@@ -8,7 +8,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 from diffusers import UNet2DConditionModel
-from distill_utils import adapter_state, make_image_folder, max_abs_difference, read_log, run_distill
+from distill_utils import (
+    TINY_RUN, adapter_state, bench_distill_main, make_image_folder, max_abs_difference, read_log, reset_accelerate,
+    run_distill,
+)
 
 from gspn_diffusers import GSPNAdapter
 from gspn_diffusers.distill import checkpoints
@@ -179,9 +182,10 @@ def test_prompts_file_needs_no_images_and_random_sdxl_benchmark(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a lighthouse at dawn\n\na red bicycle\nmountains in fog\n")
     bench = tmp_path / "bench.json"
-    out = run_distill(tmp_path / "prompts", "--random_sdxl", "tiny", "--prompts_file", str(prompts),
-                      "--teacher_sampling_steps", "2", "--max_train_steps", "6", "--train_batch_size", "1",
-                      "--benchmark_json", str(bench))
+    run_distill(tmp_path / "prompts", "--random_sdxl", "tiny", "--prompts_file", str(prompts),
+                "--teacher_sampling_steps", "2", "--max_train_steps", "6", "--train_batch_size", "1",
+                "--benchmark_json", str(bench), main=bench_distill_main())
+    out = tmp_path / "prompts" / "gspn"
     log = read_log(tmp_path / "prompts")
     assert len(log) == 6 and all(r["noise_loss"] > 0 and r["kd_loss"] > 0 for r in log)
     assert (out / "fidelity_report.json").exists() and GSPNAdapter.from_pretrained(out).config.layers
@@ -270,3 +274,47 @@ def test_feature_loss_is_relative_and_per_sample():
     teacher = torch.stack([torch.ones(3, 4), 100 * torch.ones(3, 4)])
     student = teacher * 1.1  # 10% off in both samples, whatever their scale
     torch.testing.assert_close(relative_feature_loss(student, teacher), torch.tensor([0.01, 0.01]))
+
+
+def test_training_callbacks_see_every_step_and_can_stop_the_run(tmp_path, tiny_sdxl_path, images):
+    from gspn_diffusers.distill.args import parse_args
+    from gspn_diffusers.distill.distill_sdxl import setup
+
+    class StopAtTwo:
+        def __init__(self):
+            self.calls = []
+
+        def on_train_begin(self, distiller, step):
+            self.calls.append(("begin", step))
+
+        def on_step_end(self, distiller, record):
+            self.calls.append(("step", record["step"]))
+            return record["step"] == 2
+
+        def on_train_end(self, distiller, step):
+            self.calls.append(("end", step))
+
+    out = tmp_path / "stopped"
+    callback = StopAtTwo()
+    reset_accelerate()
+    try:
+        distiller, resume = setup(parse_args([
+            "--output_dir", str(out), "--pretrained_model_name_or_path", str(tiny_sdxl_path), "--train_data_dir",
+            str(images), *TINY_RUN, "--max_train_steps", "5", "--fidelity_timesteps", "0"]))
+        assert resume is None and distiller.train(resume, callbacks=[callback]) == 2
+        distiller.accelerator.end_training()
+    finally:
+        reset_accelerate()
+    assert callback.calls == [("begin", 0), ("step", 1), ("step", 2), ("end", 2)]
+    assert [r["step"] for r in read_log(out)] == [1, 2]
+    assert [p.name for p in checkpoints.checkpoint_dirs(out)] == ["checkpoint-2"]  # the last step is saved
+    assert (out / "gspn" / "config.json").exists()
+
+
+def test_benchmark_flags_are_not_part_of_the_distillation(capsys):
+    from gspn_diffusers.distill.args import parse_args
+
+    for flag, value in (("--benchmark_json", "b.json"), ("--max_train_seconds", "10")):
+        with pytest.raises(SystemExit):
+            parse_args(["--random_sdxl", "tiny", flag, value])
+        assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
