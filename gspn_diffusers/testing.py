@@ -227,3 +227,50 @@ def random_sdxl_components(kind: str, device, dtype: torch.dtype, seed: int = 0)
     vae = build(lambda: AutoencoderKL(**vae_config))
     return dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizers[0],
                 tokenizer_2=tokenizers[1], unet=unet, scheduler=sdxl_scheduler())
+
+
+def tiny_ip_adapter(unet, image_embed_dim: int = 16, seed: int = 0) -> dict:
+    """A random IP-Adapter state dict for ``unet`` (the original IP-Adapter's layout: an image projection
+    to 4 tokens and to_k_ip / to_v_ip for every cross-attention), loadable offline with
+    ``pipe.load_ip_adapter(state_dict, subfolder=None, weight_name=None, image_encoder_folder=None)``.
+
+    ``image_embed_dim``: the width of the image embeddings it takes (``tiny_image_encoder``'s projection).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    widths = list(unet.config.block_out_channels)
+
+    def randn(*shape):
+        return 0.1 * torch.randn(*shape, generator=generator)
+
+    image_proj = {"proj.weight": randn(4 * cross, image_embed_dim), "proj.bias": randn(4 * cross),
+                  "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+    ip_adapter, key = {}, 1
+    # The numbering and widths of diffusers' UNet2DConditionLoadersMixin._convert_ip_adapter_attn_to_diffusers:
+    # every cross-attention in attn_processors order gets the odd key 1, 3, 5, ...
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        if name.startswith("mid_block"):
+            width = widths[-1]
+        elif name.startswith("up_blocks"):
+            width = widths[::-1][int(name[len("up_blocks.")])]
+        else:
+            width = widths[int(name[len("down_blocks.")])]
+        ip_adapter[f"{key}.to_k_ip.weight"] = randn(width, cross)
+        ip_adapter[f"{key}.to_v_ip.weight"] = randn(width, cross)
+        key += 2
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def tiny_image_encoder(projection_dim: int = 16, image_size: int = 32, seed: int = 0):
+    """(CLIPVisionModelWithProjection, CLIPImageProcessor) at test size with random weights: the
+    ``image_encoder`` and ``feature_extractor`` an SDXL pipeline needs for ``ip_adapter_image``."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=image_size, patch_size=8, projection_dim=projection_dim)
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    return CLIPVisionModelWithProjection(config).eval(), processor

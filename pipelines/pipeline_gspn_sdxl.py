@@ -23,9 +23,14 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from . import arguments
+from .conditioning import Conditioning, encode, negative_size_conditioning
 from .memory import MemoryModel, available_bytes, resident_bytes
 from .planning import DEFAULT_NUM_INFERENCE_STEPS, Plan, StagePlan, make_plan, shrink_stage, vae_tile_grid
-from .vae_tiling import decode_tiled, encode_tiled
+from .schedule import custom_schedule_steps, cut_at_denoising_end, set_schedule
+from .vae_codec import check_vae
+from .vae_codec import decode as vae_decode
+from .vae_codec import encode as vae_encode
 
 logger = logging.getLogger(__name__)
 
@@ -42,25 +47,7 @@ class GSPNPipelineOutput(StableDiffusionXLPipelineOutput):
     timings: list[dict] = field(default_factory=list)
 
 
-@dataclass
-class _Conditioning:
-    """Text and micro-conditioning for the UNet; with CFG, the unconditional half first (2B rows)."""
-
-    prompt_embeds: torch.Tensor
-    text_embeds: torch.Tensor
-    time_ids: torch.Tensor
-    timestep_cond: torch.Tensor | None
-    cfg: bool
-
-    def half(self, index: int) -> "_Conditioning":
-        """Rows of the unconditional (0) or conditional (1) half."""
-        rows = slice(index * self.batch, (index + 1) * self.batch)
-        return _Conditioning(self.prompt_embeds[rows], self.text_embeds[rows], self.time_ids[rows],
-                             self.timestep_cond, False)
-
-    @property
-    def batch(self) -> int:
-        return self.prompt_embeds.shape[0] // (2 if self.cfg else 1)
+_Conditioning = Conditioning
 
 
 class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
@@ -100,6 +87,8 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             gspn.mount(unet)
         self.stage_index: int | None = None
         self.num_stages: int | None = None
+        self._custom_schedule: dict = {}
+        self._denoising_end = None
 
     # ----------------------------------------------------------------------------------- save / load
 
@@ -107,6 +96,17 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         """As diffusers' ``save_pretrained``; the UNet is written without the mounted GSPN processors."""
         with self._gspn_unmounted():
             return super().save_pretrained(*args, **kwargs)
+
+    def load_ip_adapter(self, *args, **kwargs):
+        """As diffusers' ``load_ip_adapter``; a mounted GSPN adapter stays mounted (diffusers rebuilds every
+        attention processor of the UNet, which would drop GSPN's ``attn1`` processors)."""
+        with self._gspn_unmounted():
+            return super().load_ip_adapter(*args, **kwargs)
+
+    def unload_ip_adapter(self):
+        """As diffusers' ``unload_ip_adapter``; a mounted GSPN adapter stays mounted."""
+        with self._gspn_unmounted():
+            return super().unload_ip_adapter()
 
     @contextmanager
     def _gspn_unmounted(self):
@@ -165,13 +165,13 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         memory = MemoryModel.for_models(self.unet, self.vae, self.unet.dtype, self._vae_compute_dtype(),
                                         resident_bytes(modules, device))
         return make_plan(
-            height=height or self.base_size,
-            width=width or self.base_size,
+            height=arguments.optional_size("height", height, self.base_size),
+            width=arguments.optional_size("width", width, self.base_size),
             base_size=self.base_size,
             vae_factor=self.vae_scale_factor,
             memory=memory,
             memory_budget=available_bytes(device) if memory_budget is None else int(memory_budget),
-            batch=batch_size * num_images_per_prompt,
+            batch=batch_size * arguments.positive_int("num_images_per_prompt", num_images_per_prompt),
             cfg=guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None,
             num_inference_steps=num_inference_steps,
             strength=strength,
@@ -191,10 +191,9 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
-        strength: float | list[float] | None = None,
-        stage_steps: int | list[int] | None = None,
-        upsample_guidance: float | list[float] | None = None,
-        upsample_mode: str = "latent",
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        denoising_end: float | None = None,
         guidance_scale: float = 5.0,
         negative_prompt: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
@@ -206,6 +205,8 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict | None = None,
@@ -213,19 +214,49 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         original_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        *,
+        strength: float | list[float] | None = None,
+        stage_steps: int | list[int] | None = None,
+        upsample_guidance: float | list[float] | None = None,
+        upsample_mode: str = "latent",
         tile_size: int | None = None,
         vae_tile_size: int | None = None,
         memory_budget: int | None = None,
     ):
         """Generate images of ``height x width`` (default: the base resolution), progressively above it.
 
-        Arguments shared with ``StableDiffusionXLPipeline`` mean the same. The others:
+        The arguments of ``StableDiffusionXLPipeline.__call__`` come first, in its order, and mean what they
+        mean there; at or below the base size with no adapter mounted, a call gives what
+        ``StableDiffusionXLPipeline`` gives for the same arguments. What they do above the base size:
 
         - ``num_inference_steps``: the base stage's steps, and the schedule upscale stages take the tail
-          of (a stage of strength s runs int(num_inference_steps * s) steps). Default 30.
+          of (a stage of strength s runs its last int(num_inference_steps * s) steps). Default 30 (the
+          SDXL pipeline's is 50).
+        - ``timesteps`` / ``sigmas``: a schedule given instead (e.g. Align-Your-Steps, LCM's): the base stage
+          runs all of it, an upscale stage of strength s its last int(n * s) steps (img2img's rule); not
+          with ``stage_steps``.
+        - ``denoising_end``: the fraction of the noise levels the call denoises, the rest left to a refiner
+          (``StableDiffusionXLImg2ImgPipeline(..., denoising_start=denoising_end)`` on the returned
+          latents, ``output_type="latent"``). With upscale stages it cuts the last stage, so the refiner
+          works on the full-size latent.
+        - ``original_size``, ``crops_coords_top_left``, ``target_size`` and their ``negative_`` forms:
+          every stage and tile gets the base stage's micro-conditioning (default: the base stage's size;
+          SDXL never saw 4K-16K sizes there). A ``negative_`` argument given alone applies (diffusers'
+          pipeline uses them only when both negative sizes are given).
+        - ``ip_adapter_image`` / ``ip_adapter_image_embeds`` (with ``pipe.load_ip_adapter``): every stage and
+          tile. Masks (``cross_attention_kwargs={"ip_adapter_masks": ...}``) need stages that run whole.
+        - ``latents``: the base stage's initial noise, shape (batch, 4, base height / 8, base width / 8).
+        - ``callback_on_step_end(pipe, step, timestep, callback_kwargs)``: called after every step of
+          every stage; ``step`` counts within the stage, ``pipe.stage_index`` says which stage.
+
+        Keyword-only arguments of this pipeline:
+
         - ``strength``: re-noising strength of the upscale stages, one number or one per upscale stage;
           default 0.5, 0.45, 0.4, 0.35 (then 0.3) for the 1st, 2nd, ... x2 stage.
         - ``stage_steps``: steps of every stage (an int) or of each stage (a list, base first); overrides
@@ -237,21 +268,39 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         - ``upsample_mode``: "latent" (bicubic on the latent, default, cheap) or "pixel" (decode, resize
           the image, encode again; the VAE runs tiled both ways).
         - ``tile_size``: pixels of the UNet's square tiles (None: whole latent when it fits, otherwise
-          the largest tiles the memory allows). ``vae_tile_size``: pixels of the VAE's tiles.
+          the largest tiles the memory allows). ``vae_tile_size``: pixels of the VAE's tiles (a VAE that
+          is not an AutoencoderKL tiles its own way, with its ``enable_tiling``, or refuses a plan that
+          needs tiles).
         - ``memory_budget``: bytes the call may use beyond what is resident (see ``plan``).
-        - ``callback_on_step_end(pipe, step, timestep, callback_kwargs)``: called after every step of
-          every stage; ``step`` counts within the stage, ``pipe.stage_index`` says which stage.
 
+        Every argument is checked before any work; bad values raise ValueError naming the argument.
         Returns ``GSPNPipelineOutput`` (``images``, ``plan``, ``timings``) or ``(images,)``.
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        height, width = height or self.base_size, width or self.base_size
+        height = arguments.optional_size("height", height, self.base_size)
+        width = arguments.optional_size("width", width, self.base_size)
+        num_images_per_prompt = arguments.positive_int("num_images_per_prompt", num_images_per_prompt)
         if upsample_mode not in UPSAMPLE_MODES:
             raise ValueError(f"upsample_mode must be one of {UPSAMPLE_MODES}; got {upsample_mode!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
+        arguments.real_in("guidance_scale", guidance_scale)
+        arguments.real_in("guidance_rescale", guidance_rescale, 0.0, 1.0)
+        arguments.real_in("eta", eta, 0.0, 1.0)
+        arguments.check_clip_skip(clip_skip, (self.text_encoder, self.text_encoder_2))
+        arguments.check_memory_budget(memory_budget)
+        arguments.check_size_conditioning(
+            original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+            negative_original_size=negative_original_size,
+            negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size)
+        denoising_end = arguments.check_denoising_end(denoising_end)
+        custom_schedule = arguments.check_custom_schedule(self.scheduler, timesteps, sigmas, stage_steps)
+        if custom_schedule:
+            num_inference_steps = custom_schedule_steps(self.scheduler, custom_schedule)
+        arguments.check_ip_adapter(self.unet, self.image_encoder, ip_adapter_image, ip_adapter_image_embeds)
         batch_size = self._batch_size(prompt, prompt_embeds)
+        arguments.check_generator(generator, batch_size * num_images_per_prompt)
         plan = self.plan(
             height, width, batch_size=batch_size, num_images_per_prompt=num_images_per_prompt,
             guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, strength=strength,
@@ -260,9 +309,13 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         )
         self.check_inputs(
             prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
-            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, None, None,
-            callback_on_step_end_tensor_inputs,
+            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, ip_adapter_image,
+            ip_adapter_image_embeds, callback_on_step_end_tensor_inputs,
         )
+        arguments.check_ip_adapter_masks(cross_attention_kwargs, [s.index for s in plan.stages if s.tile_size])
+        check_vae(self.vae, plan.vae_num_tiles > 1,
+                  (("decode", "encode") if upsample_mode == "pixel" and len(plan.stages) > 1 else ())
+                  + (("decode",) if output_type != "latent" else ()))
         base = plan.stages[0]
         latent_shape = (plan.batch, self.unet.config.in_channels, base.height // self.vae_scale_factor,
                         base.width // self.vae_scale_factor)
@@ -273,14 +326,22 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
         self._cross_attention_kwargs = cross_attention_kwargs
-        self._denoising_end = None
+        self._denoising_end = denoising_end
+        self._custom_schedule = custom_schedule
         self._interrupt = False
         self.num_stages = len(plan.stages)
+        if denoising_end is not None and len(self._set_stage_timesteps(plan.stages[-1])) == 0:
+            raise ValueError(f"denoising_end={denoising_end} leaves no step to the last stage, whose schedule "
+                             "starts below that noise level; pass a larger denoising_end")
 
+        sizes = (tuple(original_size or (base.height, base.width)), tuple(crops_coords_top_left),
+                 tuple(target_size or (base.height, base.width)))
         cond = self._conditioning(
             prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, prompt_embeds,
-            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
-            original_size or (base.height, base.width), crops_coords_top_left, target_size or (base.height, base.width),
+            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, *sizes,
+            negative_size_conditioning(*sizes, negative_original_size, negative_crops_coords_top_left,
+                                       negative_target_size),
+            ip_adapter_image, ip_adapter_image_embeds,
         )
         step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         callback = (callback_on_step_end, callback_on_step_end_tensor_inputs)
@@ -350,13 +411,17 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
 
     def _set_stage_timesteps(self, stage: StagePlan) -> torch.Tensor:
         """Set the scheduler to the stage's schedule and return its timesteps: the last ``stage.steps``
-        of ``stage.schedule_steps`` (img2img's rule), starting the scheduler there."""
-        self.scheduler.set_timesteps(stage.schedule_steps, device=self._execution_device)
+        of ``stage.schedule_steps`` (img2img's rule), starting the scheduler there; the schedule is the
+        call's ``timesteps`` / ``sigmas`` when given, and the last stage stops at ``denoising_end``."""
+        set_schedule(self.scheduler, stage.schedule_steps, self._execution_device, self._custom_schedule)
         order = getattr(self.scheduler, "order", 1)
         first = (stage.schedule_steps - stage.steps) * order
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(first)
-        return self.scheduler.timesteps[first:]
+        timesteps = self.scheduler.timesteps[first:]
+        if stage.index == self.num_stages - 1:
+            timesteps = cut_at_denoising_end(timesteps, self.denoising_end, self.scheduler.config.num_train_timesteps)
+        return timesteps
 
     def _stage_start(self, stage, plan, previous, cond, generator, upsample_mode):
         """(start latent, guide) of a stage. Base stage: the initial noise (``previous`` is the user's
@@ -448,7 +513,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         return self.unet(
             x, t, encoder_hidden_states=cond.prompt_embeds, timestep_cond=cond.timestep_cond,
             cross_attention_kwargs=self.cross_attention_kwargs,
-            added_cond_kwargs={"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}, return_dict=False,
+            added_cond_kwargs=cond.added_cond_kwargs(), return_dict=False,
         )[0]
 
     # ---------------------------------------------------------------------------------- conditioning
@@ -465,37 +530,23 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
 
     def _conditioning(self, prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt,
                       prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
-                      original_size, crops_coords_top_left, target_size) -> _Conditioning:
-        """Encode the prompts (``encode_prompt``) and the micro-conditioning (``_get_add_time_ids``).
+                      original_size, crops_coords_top_left, target_size, negative_sizes=None,
+                      ip_adapter_image=None, ip_adapter_image_embeds=None) -> Conditioning:
+        """Encode the prompts, the micro-conditioning and IP-Adapter inputs (``conditioning.encode``, which
+        follows StableDiffusionXLPipeline.__call__). ``negative_sizes``: (original size, crop offset, target
+        size) of the unconditional half, or None for the positive ones.
 
         Every stage and tile gets the same micro-conditioning: by default that of the base stage's size
         (SDXL was trained around 1024^2; sizes of 16K are far outside what it has seen there)."""
-        device = self._execution_device
-        lora_scale = (self.cross_attention_kwargs or {}).get("scale")
-        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
-            prompt=prompt, prompt_2=prompt_2, device=device, num_images_per_prompt=num_images_per_prompt,
-            do_classifier_free_guidance=self.do_classifier_free_guidance, negative_prompt=negative_prompt,
-            negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, lora_scale=lora_scale,
-            clip_skip=self.clip_skip,
+        return encode(
+            self, prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2, num_images_per_prompt=num_images_per_prompt,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            size_conditioning=(original_size, crops_coords_top_left, target_size),
+            negative_size_conditioning=negative_sizes, ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds,
         )
-        projection_dim = (int(pooled.shape[-1]) if self.text_encoder_2 is None
-                          else self.text_encoder_2.config.projection_dim)
-        time_ids = self._get_add_time_ids(original_size, crops_coords_top_left, target_size,
-                                          dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection_dim)
-        time_ids = time_ids.repeat(prompt_embeds.shape[0], 1)
-        if self.do_classifier_free_guidance:
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-            pooled = torch.cat([negative_pooled, pooled])
-            time_ids = torch.cat([time_ids, time_ids])
-        timestep_cond = None
-        if self.unet.config.time_cond_proj_dim is not None:
-            scale = torch.tensor(self.guidance_scale - 1).repeat(prompt_embeds.shape[0])
-            timestep_cond = self.get_guidance_scale_embedding(
-                scale, embedding_dim=self.unet.config.time_cond_proj_dim).to(device=device, dtype=prompt_embeds.dtype)
-        return _Conditioning(prompt_embeds.to(device), pooled.to(device), time_ids.to(device), timestep_cond,
-                             self.do_classifier_free_guidance)
 
     # ------------------------------------------------------------------------------------------- VAE
 
@@ -527,14 +578,14 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             latents * std / self.vae.config.scaling_factor + mean)
         grid = vae_tile_grid(z.shape[-2], z.shape[-1], plan.vae_tile_size, f)
         with self._vae_in_compute_dtype() as dtype, self._tile_bar(grid, "VAE decode") as bar:
-            return decode_tiled(self.vae, z.to(dtype), grid, plan.vae_context_size // f, bar.update)
+            return vae_decode(self.vae, z.to(dtype), grid, plan.vae_context_size // f, bar.update)
 
     def _vae_encode(self, image: torch.Tensor, plan: Plan) -> torch.Tensor:
         """(B, 3, H, W) image in [-1, 1] -> float32 (B, c, H / f, W / f) scaled latents (distribution mean)."""
         f = self.vae_scale_factor
         grid = vae_tile_grid(image.shape[-2] // f, image.shape[-1] // f, plan.vae_tile_size, f)
         with self._vae_in_compute_dtype() as dtype, self._tile_bar(grid, "VAE encode") as bar:
-            z = encode_tiled(self.vae, image.to(dtype), grid, plan.vae_context_size // f, bar.update)
+            z = vae_encode(self.vae, image.to(dtype), grid, plan.vae_context_size // f, bar.update)
         mean, std = self._latent_statistics(z)
         if mean is None:
             return z * self.vae.config.scaling_factor
