@@ -13,8 +13,6 @@ import numbers
 
 import torch
 
-# What each argument of StableDiffusionXLPipeline.__call__ that this pipeline does not take means here.
-UNSUPPORTED_ARGUMENTS: dict[str, str] = {}
 
 
 def positive_int(name: str, value) -> int:

@@ -449,6 +449,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
 
     def _denoise(self, stage: StagePlan, start, guide, cond: _Conditioning, step_kwargs, callback) -> torch.Tensor:
         """Denoise ``start`` through the stage's timesteps; returns the stage's latents."""
+        # The step follows StableDiffusionXLPipeline.__call__'s denoising loop (diffusers 0.42).
         timesteps = self._set_stage_timesteps(stage)
         self._num_timesteps = len(timesteps)
         grid = stage.tile_grid(self.vae_scale_factor)
@@ -498,6 +499,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
 
     def _guided_noise(self, x, t, cond: _Conditioning, cfg_sequential: bool) -> torch.Tensor:
         """Classifier-free-guided noise for x (B, c, h, w); the two halves batched or one after the other."""
+        # Follows the guidance of StableDiffusionXLPipeline.__call__'s denoising loop (diffusers 0.42).
         if not cond.cfg:
             return self._unet(x, t, cond)
         if cfg_sequential:
