@@ -298,7 +298,6 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         custom_schedule = arguments.check_custom_schedule(self.scheduler, timesteps, sigmas, stage_steps)
         if custom_schedule:
             num_inference_steps = custom_schedule_steps(self.scheduler, custom_schedule)
-        arguments.check_ip_adapter(self.unet, self.image_encoder, ip_adapter_image, ip_adapter_image_embeds)
         batch_size = self._batch_size(prompt, prompt_embeds)
         arguments.check_generator(generator, batch_size * num_images_per_prompt)
         plan = self.plan(
@@ -312,6 +311,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, ip_adapter_image,
             ip_adapter_image_embeds, callback_on_step_end_tensor_inputs,
         )
+        arguments.check_ip_adapter(self.unet, self.image_encoder, ip_adapter_image, ip_adapter_image_embeds)
         arguments.check_ip_adapter_masks(cross_attention_kwargs, [s.index for s in plan.stages if s.tile_size])
         check_vae(self.vae, plan.vae_num_tiles > 1,
                   (("decode", "encode") if upsample_mode == "pixel" and len(plan.stages) > 1 else ())
