@@ -24,7 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from .memory import MemoryModel, available_bytes, resident_bytes
-from .planning import DEFAULT_NUM_INFERENCE_STEPS, Plan, StagePlan, make_plan, shrink_stage, vae_tile_grid
+from .planning import DEFAULT_NUM_INFERENCE_STEPS, Plan, StagePlan, Unit, VaePlan, make_plan, shrink_stage
 from .vae_tiling import decode_tiled, encode_tiled
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,17 @@ class _Conditioning:
     @property
     def batch(self) -> int:
         return self.prompt_embeds.shape[0] // (2 if self.cfg else 1)
+
+    def select(self, images: tuple[int, int], halves: tuple[int, ...]) -> "_Conditioning":
+        """Rows of images ``images[0]:images[1]`` in each of ``halves`` (0 unconditional, 1 conditional;
+        (0,) without CFG), halves in that order; ``cfg`` says whether both halves are there."""
+        rows = [h * self.batch + b for h in halves for b in range(*images)]
+        if rows == list(range(self.prompt_embeds.shape[0])):
+            return self
+        index = torch.tensor(rows, device=self.prompt_embeds.device)
+        timestep_cond = None if self.timestep_cond is None else self.timestep_cond[index.to(self.timestep_cond.device)]
+        return _Conditioning(self.prompt_embeds[index], self.text_embeds[index], self.time_ids[index],
+                             timestep_cond, len(halves) == 2)
 
 
 class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
@@ -150,6 +161,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         strength=None,
         stage_steps=None,
         upsample_guidance=None,
+        upsample_mode: str = "latent",
         tile_size: int | None = None,
         vae_tile_size: int | None = None,
         memory_budget: int | None = None,
@@ -160,6 +172,8 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         free memory of the execution device (CUDA: free plus cached-unused; CPU: available RAM).
         See ``__call__`` for the other arguments.
         """
+        if upsample_mode not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample_mode must be one of {UPSAMPLE_MODES}; got {upsample_mode!r}")
         device = self._execution_device
         modules = [m for m in self.components.values() if isinstance(m, nn.Module)]
         memory = MemoryModel.for_models(self.unet, self.vae, self.unet.dtype, self._vae_compute_dtype(),
@@ -168,7 +182,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             height=height or self.base_size,
             width=width or self.base_size,
             base_size=self.base_size,
-            vae_factor=self.vae_scale_factor,
+            vae_scale_factor=self.vae_scale_factor,
             memory=memory,
             memory_budget=available_bytes(device) if memory_budget is None else int(memory_budget),
             batch=batch_size * num_images_per_prompt,
@@ -177,6 +191,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             strength=strength,
             stage_steps=stage_steps,
             upsample_guidance=upsample_guidance,
+            upsample_mode=upsample_mode,
             tile_size=tile_size,
             vae_tile_size=vae_tile_size,
         )
@@ -247,15 +262,13 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         height, width = height or self.base_size, width or self.base_size
-        if upsample_mode not in UPSAMPLE_MODES:
-            raise ValueError(f"upsample_mode must be one of {UPSAMPLE_MODES}; got {upsample_mode!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
         batch_size = self._batch_size(prompt, prompt_embeds)
         plan = self.plan(
             height, width, batch_size=batch_size, num_images_per_prompt=num_images_per_prompt,
             guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, strength=strength,
-            stage_steps=stage_steps, upsample_guidance=upsample_guidance, tile_size=tile_size,
+            stage_steps=stage_steps, upsample_guidance=upsample_guidance, upsample_mode=upsample_mode, tile_size=tile_size,
             vae_tile_size=vae_tile_size, memory_budget=memory_budget,
         )
         self.check_inputs(
@@ -264,8 +277,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             callback_on_step_end_tensor_inputs,
         )
         base = plan.stages[0]
-        latent_shape = (plan.batch, self.unet.config.in_channels, base.height // self.vae_scale_factor,
-                        base.width // self.vae_scale_factor)
+        latent_shape = (plan.batch, self.unet.config.in_channels, base.latent_height, base.latent_width)
         if latents is not None and tuple(latents.shape) != latent_shape:
             raise ValueError(f"latents must have the base stage's shape {latent_shape}; got {tuple(latents.shape)}")
 
@@ -289,8 +301,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         with self.progress_bar(total=len(plan.stages)) as stages_bar:
             for stage in plan.stages:
                 stages_bar.set_description(f"stage {stage.index} {stage.width}x{stage.height}")
-                latents, record = self._run_stage(stage, plan, latents, cond, generator, upsample_mode,
-                                                  step_kwargs, callback)
+                latents, record = self._run_stage(stage, plan, latents, cond, generator, step_kwargs, callback)
                 timings.append(record)
                 stages_bar.update()
         self.stage_index = None
@@ -299,9 +310,9 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             images = latents
         else:
             with _measured(latents.device) as record:
-                image = self._vae_decode(latents, plan)
+                image = self._vae_decode(latents, plan.decode)
             timings.append({"stage": "decode", "height": height, "width": width,
-                            "tiles": plan.vae_num_tiles, **record})
+                            "tiles": plan.decode.num_tiles, **record})
             if self.watermark is not None:
                 image = self.watermark.apply_watermark(image)
             if output_type != "pt":
@@ -314,39 +325,37 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
 
     # ---------------------------------------------------------------------------------------- stages
 
-    def _run_stage(self, stage: StagePlan, plan: Plan, previous, cond, generator, upsample_mode, step_kwargs,
-                   callback):
-        """Run one stage; on CUDA out-of-memory, re-plan it with smaller tiles and run it again from
-        its start latent. Returns (latents, timing record)."""
+    def _run_stage(self, stage: StagePlan, plan: Plan, previous, cond, generator, step_kwargs, callback):
+        """Run one stage; on out-of-memory, re-plan it with smaller tiles (``shrink_stage``) and run it
+        again from its start latent. Returns (latents, timing record)."""
         self.stage_index = stage.index
         device = self._execution_device
         with _measured(device) as record:
-            start, guide = self._stage_start(stage, plan, previous, cond, generator, upsample_mode)
+            timesteps = self._set_stage_timesteps(stage)
+            start, guide = self._stage_start(stage, timesteps[0], plan, previous, cond, generator)
             attempts = 1
             while True:
                 try:
-                    latents = self._denoise(stage, start, guide, cond, step_kwargs, callback)
+                    latents = self._denoise(stage, plan, timesteps, start, guide, cond, step_kwargs, callback)
                     break
                 except torch.OutOfMemoryError as error:
                     try:
-                        smaller = shrink_stage(stage, plan.cfg, plan.batch, self._memory_model(),
-                                               self.vae_scale_factor)
+                        smaller = shrink_stage(plan, stage)
                     except RuntimeError:
                         raise error from None
                 # Out of the except block, the failed attempt's tensors are released.
                 logger.warning("stage %d ran out of memory with tiles %s; retrying with tiles %s%s",
-                               stage.index, stage.tile_size, smaller.tile_size,
+                               stage.index, stage.tile, smaller.tile,
                                ", CFG sequential" if smaller.cfg_sequential else "")
                 stage, attempts = smaller, attempts + 1
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                timesteps = self._set_stage_timesteps(stage)  # the scheduler starts the stage afresh
+        f = self.vae_scale_factor
         record = {"stage": stage.index, "height": stage.height, "width": stage.width, "steps": stage.steps,
-                  "tiles": stage.num_tiles, "tile_size": stage.tile_size, "cfg_sequential": stage.cfg_sequential,
-                  "attempts": attempts, **record}
+                  "tiles": stage.num_tiles, "tile_size": None if stage.tile is None else (stage.tile[0] * f, stage.tile[1] * f),
+                  "cfg_sequential": stage.cfg_sequential, "attempts": attempts, **record}
         return latents, record
-
-    def _memory_model(self) -> MemoryModel:
-        return MemoryModel.for_models(self.unet, self.vae, self.unet.dtype, self._vae_compute_dtype())
 
     def _set_stage_timesteps(self, stage: StagePlan) -> torch.Tensor:
         """Set the scheduler to the stage's schedule and return its timesteps: the last ``stage.steps``
@@ -358,37 +367,37 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             self.scheduler.set_begin_index(first)
         return self.scheduler.timesteps[first:]
 
-    def _stage_start(self, stage, plan, previous, cond, generator, upsample_mode):
+    def _stage_start(self, stage: StagePlan, first_timestep, plan: Plan, previous, cond, generator):
         """(start latent, guide) of a stage. Base stage: the initial noise (``previous`` is the user's
         ``latents`` or None), no guide. Upscale stage: the previous latent upsampled and noised to the
         stage's first timestep; the guide is (upsampled latent, that noise)."""
         device, dtype = self._execution_device, cond.prompt_embeds.dtype
-        timesteps = self._set_stage_timesteps(stage)
         if stage.index == 0:
             start = self.prepare_latents(plan.batch, self.unet.config.in_channels, stage.height, stage.width,
                                          dtype, device, generator, previous)
             return start, None
-        source = self._upsample(previous, stage, plan, upsample_mode).to(dtype)
+        source = self._upsample(previous, stage).to(dtype)
         noise = randn_tensor(source.shape, generator=generator, device=device, dtype=dtype)
-        start = self.scheduler.add_noise(source, noise, timesteps[:1].repeat(plan.batch))
+        start = self.scheduler.add_noise(source, noise, first_timestep.reshape(1).repeat(plan.batch))
         return start, (source, noise)
 
-    def _upsample(self, latents: torch.Tensor, stage: StagePlan, plan: Plan, mode: str) -> torch.Tensor:
-        """(B, c, h, w) latents of the previous stage -> (B, c, H / f, W / f) at this stage's size."""
-        size = (stage.height // self.vae_scale_factor, stage.width // self.vae_scale_factor)
-        if mode == "latent":
-            return F.interpolate(latents.float(), size=size, mode="bicubic", align_corners=False)
-        image = self._vae_decode(latents, plan)
+    def _upsample(self, latents: torch.Tensor, stage: StagePlan) -> torch.Tensor:
+        """(B, c, h, w) latents of the previous stage -> (B, c, H / f, W / f) at this stage's size:
+        bicubic on the latent, or, when the plan has VAE layouts for it, decode, resize, encode."""
+        if stage.upsample is None:
+            return F.interpolate(latents.float(), size=(stage.latent_height, stage.latent_width), mode="bicubic",
+                                 align_corners=False)
+        decode, encode = stage.upsample
+        image = self._vae_decode(latents, decode)
         image = F.interpolate(image, size=(stage.height, stage.width), mode="bicubic", align_corners=False)
-        return self._vae_encode(image.clamp_(-1, 1), plan)
+        return self._vae_encode(image.clamp_(-1, 1), encode)
 
-    def _denoise(self, stage: StagePlan, start, guide, cond: _Conditioning, step_kwargs, callback) -> torch.Tensor:
-        """Denoise ``start`` through the stage's timesteps; returns the stage's latents."""
-        timesteps = self._set_stage_timesteps(stage)
+    def _denoise(self, stage: StagePlan, plan: Plan, timesteps, start, guide, cond: _Conditioning, step_kwargs,
+                 callback) -> torch.Tensor:
+        """Denoise ``start`` through ``timesteps`` (the scheduler is set to them); returns the latents."""
         self._num_timesteps = len(timesteps)
-        grid = stage.tile_grid(self.vae_scale_factor)
-        tiles = None if grid is None else [
-            (tile.slices(), grid.weight(k, start.device)) for k, tile in enumerate(grid.tiles)]
+        weights = {} if stage.grid is None else {
+            k: stage.grid.weight(k, start.device) for k in {u.tile for u in stage.units}}
         callback_fn, callback_inputs = callback
         latents = start
         with self.progress_bar(total=len(timesteps)) as bar:
@@ -401,7 +410,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                     target = self.scheduler.add_noise(source, noise, t.reshape(1).repeat(source.shape[0]))
                     latents = torch.lerp(latents, target.to(latents.dtype), weight)
                 model_input = self.scheduler.scale_model_input(latents, t)
-                noise_pred = self._predict_noise(model_input, t, cond, stage, tiles)
+                noise_pred = self._predict_noise(model_input, t, cond, stage, weights)
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
                 if callback_fn is not None:
                     latents = self._step_callback(callback_fn, callback_inputs, i, t, latents, cond)
@@ -419,30 +428,42 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
 
     # ------------------------------------------------------------------------------------------ UNet
 
-    def _predict_noise(self, model_input, t, cond: _Conditioning, stage: StagePlan, tiles) -> torch.Tensor:
-        """The guided noise prediction for a (B, c, h, w) model input: one UNet pass on the whole latent,
-        or one per tile, blended with the tiles' weights (which sum to one). ``tiles``: None or a list of
-        ((row slice, column slice), weight (th, tw))."""
-        if tiles is None:
-            return self._guided_noise(model_input, t, cond, stage.cfg_sequential)
-        blended = torch.zeros_like(model_input, dtype=torch.float32)
-        for (rows, cols), weight in tiles:
-            noise = self._guided_noise(model_input[:, :, rows, cols], t, cond, stage.cfg_sequential)
-            blended[:, :, rows, cols] += noise.float() * weight
-        return blended.to(model_input.dtype)
-
-    def _guided_noise(self, x, t, cond: _Conditioning, cfg_sequential: bool) -> torch.Tensor:
-        """Classifier-free-guided noise for x (B, c, h, w); the two halves batched or one after the other."""
+    def _predict_noise(self, model_input, t, cond: _Conditioning, stage: StagePlan, weights) -> torch.Tensor:
+        """The guided noise prediction for a (B, c, h, w) model input: the stage's units (``Unit``) of
+        this process, each a UNet call on a tile (or the whole latent) for some images and CFG halves,
+        blended per half with the tiles' weights (``weights``: tile -> (th, tw); they sum to one), then
+        guided. Guidance is linear, so guiding the blended halves equals blending guided tiles."""
+        halves = torch.zeros((2 if cond.cfg else 1, *model_input.shape), dtype=torch.float32,
+                             device=model_input.device)
+        for unit in stage.units_of(*self._process()):
+            self._run_unit(unit, model_input, t, cond, stage, weights, halves)
+        halves = self._gather_prediction(halves)
         if not cond.cfg:
-            return self._unet(x, t, cond)
-        if cfg_sequential:
-            uncond, text = self._unet(x, t, cond.half(0)), self._unet(x, t, cond.half(1))
-        else:
-            uncond, text = self._unet(torch.cat([x, x]), t, cond).chunk(2)
+            return halves[0].to(model_input.dtype)
+        uncond, text = halves
         noise = uncond + self.guidance_scale * (text - uncond)
         if self.guidance_rescale > 0:
             noise = rescale_noise_cfg(noise, text, guidance_rescale=self.guidance_rescale)
-        return noise
+        return noise.to(model_input.dtype)
+
+    def _run_unit(self, unit: Unit, model_input, t, cond: _Conditioning, stage: StagePlan, weights, halves):
+        """Add one unit's weighted UNet output into ``halves`` (2 or 1, B, c, h, w) float32."""
+        images = slice(*unit.images)
+        region = (images, slice(None)) + (() if unit.tile is None else stage.grid.tiles[unit.tile].slices())
+        x = model_input[region]
+        out = self._unet(x.repeat(len(unit.halves), 1, 1, 1), t, cond.select(unit.images, unit.halves))
+        for half, noise in zip(unit.halves, out.chunk(len(unit.halves))):
+            noise = noise.float()
+            if unit.tile is not None:
+                noise = noise * weights[unit.tile]
+            halves[half][region] += noise
+
+    def _process(self) -> tuple[int, int]:
+        """(this process, number of processes) the plan's units are spread over."""
+        return 0, 1
+
+    def _gather_prediction(self, halves: torch.Tensor) -> torch.Tensor:
+        return halves
 
     def _unet(self, x, t, cond: _Conditioning) -> torch.Tensor:
         return self.unet(
@@ -519,29 +540,25 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         return (torch.tensor(config.latents_mean).view(shape).to(like),
                 torch.tensor(config.latents_std).view(shape).to(like))
 
-    def _vae_decode(self, latents: torch.Tensor, plan: Plan) -> torch.Tensor:
-        """(B, c, h, w) latents -> float32 (B, 3, h * f, w * f) image in [-1, 1], tiled as the plan says."""
-        f = self.vae_scale_factor
+    def _vae_decode(self, latents: torch.Tensor, layout: VaePlan) -> torch.Tensor:
+        """(B, c, h, w) latents -> float32 (B, 3, h * f, w * f) image in [-1, 1], tiled as ``layout`` says."""
         mean, std = self._latent_statistics(latents)
         z = latents / self.vae.config.scaling_factor if mean is None else (
             latents * std / self.vae.config.scaling_factor + mean)
-        grid = vae_tile_grid(z.shape[-2], z.shape[-1], plan.vae_tile_size, f)
-        with self._vae_in_compute_dtype() as dtype, self._tile_bar(grid, "VAE decode") as bar:
-            return decode_tiled(self.vae, z.to(dtype), grid, plan.vae_context_size // f, bar.update)
+        with self._vae_in_compute_dtype() as dtype, self._tile_bar(layout, "VAE decode") as bar:
+            return decode_tiled(self.vae, z.to(dtype), layout.grid, layout.context, bar.update)
 
-    def _vae_encode(self, image: torch.Tensor, plan: Plan) -> torch.Tensor:
+    def _vae_encode(self, image: torch.Tensor, layout: VaePlan) -> torch.Tensor:
         """(B, 3, H, W) image in [-1, 1] -> float32 (B, c, H / f, W / f) scaled latents (distribution mean)."""
-        f = self.vae_scale_factor
-        grid = vae_tile_grid(image.shape[-2] // f, image.shape[-1] // f, plan.vae_tile_size, f)
-        with self._vae_in_compute_dtype() as dtype, self._tile_bar(grid, "VAE encode") as bar:
-            z = encode_tiled(self.vae, image.to(dtype), grid, plan.vae_context_size // f, bar.update)
+        with self._vae_in_compute_dtype() as dtype, self._tile_bar(layout, "VAE encode") as bar:
+            z = encode_tiled(self.vae, image.to(dtype), layout.grid, layout.context, bar.update)
         mean, std = self._latent_statistics(z)
         if mean is None:
             return z * self.vae.config.scaling_factor
         return (z - mean) * self.vae.config.scaling_factor / std
 
-    def _tile_bar(self, grid, description: str):
-        bar = self.progress_bar(total=1 if grid is None else len(grid))
+    def _tile_bar(self, layout: VaePlan, description: str):
+        bar = self.progress_bar(total=layout.num_tiles)
         bar.set_description(description)
         return bar
 

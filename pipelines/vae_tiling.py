@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .tiling import TileGrid
+from .tiling import TileGrid, context_shape
 
 
 class _SharedGroupNorm(nn.Module):
@@ -127,15 +127,6 @@ def _downscaled(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == size:
         return x
     return F.interpolate(x.float(), size=size, mode="area").to(x.dtype)
-
-
-def context_shape(height: int, width: int, context_size: int) -> tuple[int, int]:
-    """(h, w) of the context for an ``height x width`` grid: unchanged, or scaled so the longer side
-    is ``context_size``."""
-    longest = max(height, width)
-    if longest <= context_size:
-        return height, width
-    return max(1, round(height * context_size / longest)), max(1, round(width * context_size / longest))
 
 
 def _tiled_with_context(fn, module, x, context, grid: TileGrid, in_scale, out_scale, out_channels, on_tile):

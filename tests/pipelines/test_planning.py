@@ -17,7 +17,7 @@ SDXL = MemoryModel(SDXL_UNET_BYTES_PER_LATENT_PIXEL, 4, SDXL_VAE_BYTES_PER_PIXEL
 
 
 def plan(height, width, budget_gib, **kwargs):
-    return make_plan(height=height, width=width, base_size=1024, vae_factor=8, memory=SDXL,
+    return make_plan(height=height, width=width, base_size=1024, vae_scale_factor=8, memory=SDXL,
                      memory_budget=int(budget_gib * GIB), **kwargs)
 
 
@@ -48,7 +48,7 @@ def test_any_size_ends_exactly_with_stages_of_at_most_two(height, width):
 def test_enough_memory_runs_every_stage_whole_and_batched():
     p = plan(4096, 4096, 65)
     assert [(s.height, s.width) for s in p.stages] == [(1024, 1024), (2048, 2048), (4096, 4096)]
-    assert all(s.tile_size is None and s.num_tiles == 1 and not s.cfg_sequential for s in p.stages)
+    assert all(s.tile is None and s.num_tiles == 1 and not s.cfg_sequential for s in p.stages)
     assert p.predicted_peak_bytes <= SDXL.resident_bytes + 65 * GIB
 
 
@@ -56,10 +56,10 @@ def test_16k_on_80gb_runs_the_whole_latent_with_cfg_halves_one_after_the_other()
     # Measured on one H100, see docs/benchmarks.md: the UNet at 16K fits at batch 1 (44.9 GiB) but not at batch 2.
     p = plan(16384, 16384, 0.9 * (80 - 6.9))
     last = p.stages[-1]
-    assert last.tile_size is None and last.cfg_sequential
+    assert last.tile is None and last.cfg_sequential
     assert not p.stages[-2].cfg_sequential  # 8K still batched
     assert p.predicted_peak_bytes < 80 * GIB
-    assert p.vae_tile_size is not None and p.vae_num_tiles > 100
+    assert p.decode.grid is not None and p.decode.num_tiles > 100
 
 
 def test_cfg_sequential_between_batch_one_and_batch_two():
@@ -67,21 +67,21 @@ def test_cfg_sequential_between_batch_one_and_batch_two():
     one = SDXL.stage_bytes(pixels, pixels, 1, 1)
     two = SDXL.stage_bytes(pixels, pixels, 2, 1)
     p = plan(2048, 2048, (one + two) / 2 / GIB)
-    assert p.stages[-1].tile_size is None and p.stages[-1].cfg_sequential
+    assert p.stages[-1].tile is None and p.stages[-1].cfg_sequential
     assert not p.stages[0].cfg_sequential
 
 
 def test_small_budget_tiles_the_large_stages_within_the_budget():
     budget = 3
     p = plan(8192, 8192, budget)
-    tiled = [s for s in p.stages if s.tile_size is not None]
+    tiled = [s for s in p.stages if s.tile is not None]
     assert tiled and tiled[-1].index == len(p.stages) - 1
     for s in p.stages:
         assert s.predicted_bytes <= budget * GIB
     last = tiled[-1]
-    assert last.num_tiles > 1 and last.tile_size[0] < 8192
+    assert last.num_tiles > 1 and last.tile[0] < 8192 // 8
     # tiles no larger than their count needs: overlap costs at most ~1.5x the stage's area
-    assert last.num_tiles * last.tile_size[0] * last.tile_size[1] < 1.6 * 8192**2
+    assert last.num_tiles * last.tile[0] * last.tile[1] < 1.6 * (8192 // 8) ** 2
 
 
 def test_impossible_budget_is_refused():
@@ -93,12 +93,12 @@ def test_impossible_budget_is_refused():
 
 def test_without_cfg_one_batch():
     p = plan(2048, 2048, 1.5, cfg=False)
-    assert p.stages[-1].tile_size is None and not p.stages[-1].cfg_sequential
+    assert p.stages[-1].tile is None and not p.stages[-1].cfg_sequential
 
 
 def test_forced_tile_size_tiles_larger_stages_only():
     p = plan(4096, 4096, 65, tile_size=2048)
-    assert [s.tile_size for s in p.stages] == [None, None, (2048, 2048)]
+    assert [s.tile for s in p.stages] == [None, None, (256, 256)]
     assert p.stages[-1].num_tiles == 9  # 3 x 3 with a quarter overlap
 
 
@@ -141,15 +141,15 @@ def test_plan_prints_a_table():
 def test_shrinking_halves_the_tile_then_splits_cfg_then_gives_up():
     p = plan(2048, 2048, 65)
     stage = p.stages[-1]
-    smaller = shrink_stage(stage, True, 1, SDXL, 8)
-    assert smaller.tile_size is not None
-    assert math.isclose(smaller.tile_size[0] * smaller.tile_size[1] / 2048**2, 0.5, abs_tol=0.05)
+    smaller = shrink_stage(p, stage)
+    assert smaller.tile is not None
+    assert math.isclose(smaller.tile[0] * smaller.tile[1] / 256**2, 0.5, abs_tol=0.05)
     assert smaller.predicted_bytes < stage.predicted_bytes
     tiny = smaller
-    while tiny.tile_size[0] > 16 * 8 * math.sqrt(2):
-        tiny = shrink_stage(tiny, True, 1, SDXL, 8)
+    while tiny.tile[0] > 16 * math.sqrt(2):
+        tiny = shrink_stage(p, tiny)
     assert not tiny.cfg_sequential
-    sequential = shrink_stage(tiny, True, 1, SDXL, 8)
-    assert sequential.cfg_sequential and sequential.tile_size == tiny.tile_size
+    sequential = shrink_stage(p, tiny)
+    assert sequential.cfg_sequential and sequential.tile == tiny.tile
     with pytest.raises(RuntimeError):
-        shrink_stage(sequential, True, 1, SDXL, 8)
+        shrink_stage(p, sequential)
