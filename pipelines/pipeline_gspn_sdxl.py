@@ -23,9 +23,10 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from . import distributed
 from .memory import MemoryModel, available_bytes, resident_bytes
 from .planning import DEFAULT_NUM_INFERENCE_STEPS, Plan, StagePlan, Unit, VaePlan, make_plan, shrink_stage
-from .vae_tiling import decode_tiled, encode_tiled
+from .vae_tiling import TileSpread, decode_tiled, encode_tiled
 
 logger = logging.getLogger(__name__)
 
@@ -165,26 +166,38 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         tile_size: int | None = None,
         vae_tile_size: int | None = None,
         memory_budget: int | None = None,
+        num_processes: int | None = None,
     ) -> Plan:
         """The plan a call with these arguments would follow; ValueError if it cannot run.
 
-        ``memory_budget``: bytes of working memory beyond what is resident now; None takes 90% of the
-        free memory of the execution device (CUDA: free plus cached-unused; CPU: available RAM).
-        See ``__call__`` for the other arguments.
+        ``memory_budget``: bytes of working memory beyond what is resident now, per process; None
+        takes 90% of the free memory of the execution device (CUDA: free plus cached-unused; CPU:
+        available RAM). ``num_processes``: processes to spread the work over; None: the world size of
+        torch.distributed's process group (1 without one); in a group every process calls ``plan`` (they
+        agree on the least free memory). See ``__call__`` for the other arguments.
         """
+        world = distributed.process()[1]
+        if num_processes is None:
+            num_processes = world
+        elif world > 1 and num_processes != world:
+            raise ValueError(f"num_processes is {num_processes} but this process group has {world} processes; "
+                             "a plan runs on its own number of processes or on one")
         if upsample_mode not in UPSAMPLE_MODES:
             raise ValueError(f"upsample_mode must be one of {UPSAMPLE_MODES}; got {upsample_mode!r}")
         device = self._execution_device
         modules = [m for m in self.components.values() if isinstance(m, nn.Module)]
-        memory = MemoryModel.for_models(self.unet, self.vae, self.unet.dtype, self._vae_compute_dtype(),
-                                        resident_bytes(modules, device))
+        # Every process must make the same plan: the least free memory and the most resident bytes.
+        resident = distributed.agree(resident_bytes(modules, device), device, "max")
+        memory = MemoryModel.for_models(self.unet, self.vae, self.unet.dtype, self._vae_compute_dtype(), resident)
+        if memory_budget is None:
+            memory_budget = distributed.agree(available_bytes(device), device, "min")
         return make_plan(
             height=height or self.base_size,
             width=width or self.base_size,
             base_size=self.base_size,
             vae_scale_factor=self.vae_scale_factor,
             memory=memory,
-            memory_budget=available_bytes(device) if memory_budget is None else int(memory_budget),
+            memory_budget=int(memory_budget),
             batch=batch_size * num_images_per_prompt,
             cfg=guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None,
             num_inference_steps=num_inference_steps,
@@ -194,6 +207,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             upsample_mode=upsample_mode,
             tile_size=tile_size,
             vae_tile_size=vae_tile_size,
+            num_processes=num_processes,
         )
 
     # ------------------------------------------------------------------------------------------ call
@@ -234,6 +248,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         tile_size: int | None = None,
         vae_tile_size: int | None = None,
         memory_budget: int | None = None,
+        num_processes: int | None = None,
     ):
         """Generate images of ``height x width`` (default: the base resolution), progressively above it.
 
@@ -254,6 +269,10 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         - ``tile_size``: pixels of the UNet's square tiles (None: whole latent when it fits, otherwise
           the largest tiles the memory allows). ``vae_tile_size``: pixels of the VAE's tiles.
         - ``memory_budget``: bytes the call may use beyond what is resident (see ``plan``).
+        - ``num_processes``: processes the plan spreads its work over (default: torch.distributed's
+          world size, 1 without a process group). Under ``accelerate launch`` / ``torchrun`` every
+          process makes the same call on its own device and gets the same images; a single process
+          can run a plan made for N (the same result up to float rounding). See docs/multigpu.md.
         - ``callback_on_step_end(pipe, step, timestep, callback_kwargs)``: called after every step of
           every stage; ``step`` counts within the stage, ``pipe.stage_index`` says which stage.
 
@@ -269,7 +288,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             height, width, batch_size=batch_size, num_images_per_prompt=num_images_per_prompt,
             guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, strength=strength,
             stage_steps=stage_steps, upsample_guidance=upsample_guidance, upsample_mode=upsample_mode, tile_size=tile_size,
-            vae_tile_size=vae_tile_size, memory_budget=memory_budget,
+            vae_tile_size=vae_tile_size, memory_budget=memory_budget, num_processes=num_processes,
         )
         self.check_inputs(
             prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
@@ -339,6 +358,8 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                     latents = self._denoise(stage, plan, timesteps, start, guide, cond, step_kwargs, callback)
                     break
                 except torch.OutOfMemoryError as error:
+                    if self._process()[1] > 1:  # the other processes wait in a collective: no re-plan
+                        raise
                     try:
                         smaller = shrink_stage(plan, stage)
                     except RuntimeError:
@@ -370,14 +391,15 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
     def _stage_start(self, stage: StagePlan, first_timestep, plan: Plan, previous, cond, generator):
         """(start latent, guide) of a stage. Base stage: the initial noise (``previous`` is the user's
         ``latents`` or None), no guide. Upscale stage: the previous latent upsampled and noised to the
-        stage's first timestep; the guide is (upsampled latent, that noise)."""
+        stage's first timestep; the guide is (upsampled latent, that noise).
+        With several processes, the main process's noise is everyone's."""
         device, dtype = self._execution_device, cond.prompt_embeds.dtype
         if stage.index == 0:
             start = self.prepare_latents(plan.batch, self.unet.config.in_channels, stage.height, stage.width,
                                          dtype, device, generator, previous)
-            return start, None
+            return distributed.broadcast(start.contiguous()), None
         source = self._upsample(previous, stage).to(dtype)
-        noise = randn_tensor(source.shape, generator=generator, device=device, dtype=dtype)
+        noise = distributed.broadcast(randn_tensor(source.shape, generator=generator, device=device, dtype=dtype))
         start = self.scheduler.add_noise(source, noise, first_timestep.reshape(1).repeat(plan.batch))
         return start, (source, noise)
 
@@ -460,10 +482,17 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
 
     def _process(self) -> tuple[int, int]:
         """(this process, number of processes) the plan's units are spread over."""
-        return 0, 1
+        return distributed.process()
 
     def _gather_prediction(self, halves: torch.Tensor) -> torch.Tensor:
-        return halves
+        """Every process's weighted unit outputs summed: the whole blended prediction everywhere."""
+        return distributed.all_reduce_sum(halves)
+
+    def progress_bar(self, iterable=None, total=None):
+        """diffusers' progress bar, on the main process only."""
+        if not distributed.is_main_process():
+            self._progress_bar_config = {**getattr(self, "_progress_bar_config", {}), "disable": True}
+        return super().progress_bar(iterable=iterable, total=total)
 
     def _unet(self, x, t, cond: _Conditioning) -> torch.Tensor:
         return self.unet(
@@ -546,19 +575,30 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         z = latents / self.vae.config.scaling_factor if mean is None else (
             latents * std / self.vae.config.scaling_factor + mean)
         with self._vae_in_compute_dtype() as dtype, self._tile_bar(layout, "VAE decode") as bar:
-            return decode_tiled(self.vae, z.to(dtype), layout.grid, layout.context, bar.update)
+            return decode_tiled(self.vae, z.to(dtype), layout.grid, layout.context, bar.update,
+                                layout.tiles_of(*self._process()), self._tile_spread())
 
     def _vae_encode(self, image: torch.Tensor, layout: VaePlan) -> torch.Tensor:
         """(B, 3, H, W) image in [-1, 1] -> float32 (B, c, H / f, W / f) scaled latents (distribution mean)."""
         with self._vae_in_compute_dtype() as dtype, self._tile_bar(layout, "VAE encode") as bar:
-            z = encode_tiled(self.vae, image.to(dtype), layout.grid, layout.context, bar.update)
+            z = encode_tiled(self.vae, image.to(dtype), layout.grid, layout.context, bar.update,
+                             layout.tiles_of(*self._process()), self._tile_spread())
         mean, std = self._latent_statistics(z)
         if mean is None:
             return z * self.vae.config.scaling_factor
         return (z - mean) * self.vae.config.scaling_factor / std
 
+    def _tile_spread(self) -> TileSpread | None:
+        """How VAE tiles spread over processes share the context and join; None in one process."""
+        if self._process()[1] == 1:
+            return None
+        device = self._execution_device
+        return TileSpread(lambda whole, record: distributed.share_context(whole, record, device),
+                          distributed.all_reduce_sum)
+
     def _tile_bar(self, layout: VaePlan, description: str):
-        bar = self.progress_bar(total=layout.num_tiles)
+        rank, world = self._process()
+        bar = self.progress_bar(total=len(layout.tiles_of(rank, world) or [None]))
         bar.set_description(description)
         return bar
 

@@ -467,8 +467,60 @@ def make_plan(
 
 def _split_stage(index, size, latent, strength, steps, guide, layout, batch, cfg, memory, budget, num_processes,
                  forced_tile=False) -> StagePlan:
-    """The stage with its units spread over ``num_processes`` (one process: the layout as it is)."""
-    return _make_stage(index, size, latent, strength, steps, guide, layout, batch, cfg)
+    """The stage with its units spread over ``num_processes``; one process: the layout as it is.
+
+    Several processes: of the layouts that need no more memory than the one-process layout (tiles no
+    larger, a UNet batch no larger), the one whose busiest process computes the fewest latent pixels
+    per step; ties go to fewer tiles (fewer seams), then fewer units. A unit costs its tile's pixels
+    times its UNet batch. Splitting the CFG halves or the images costs nothing extra and changes
+    nothing, while every tile boundary adds the overlap (two tiles along an axis compute 8/7 of it)
+    and limits what the UNet sees; so with CFG on two processes the halves are split, and tiles come
+    in only when halves and images run out. The base stage is never split into tiles: it makes the
+    composition, which needs the whole image.
+    """
+    chosen = _make_stage(index, size, latent, strength, steps, guide, layout, batch, cfg)
+    if num_processes == 1:
+        return chosen
+    tile0, _, limit = layout
+    pixels = latent[0] * latent[1]
+    tiles = [tile0] if forced_tile or index == 0 else _tile_options(latent, tile0)
+    best = None
+    for tile in tiles:
+        count = 1 if tile is None else len(_unet_grid(*latent, tile))
+        tile_pixels = pixels if tile is None else tile[0] * tile[1]
+        for image_split in (False, True) if batch > 1 else (False,):
+            for sequential in (False, True) if cfg else (False,):
+                unit_batch = (1 if image_split else batch) * (2 if cfg and not sequential else 1)
+                need = memory.stage_bytes(pixels, tile_pixels, unit_batch, batch)
+                if need > limit:
+                    continue
+                units = count * (batch if image_split else 1) * (2 if cfg and sequential else 1)
+                key = (math.ceil(units / num_processes) * unit_batch * tile_pixels, count, units)
+                if best is None or key < best[0]:
+                    best = (key, (tile, sequential, need), image_split)
+    return _make_stage(index, size, latent, strength, steps, guide, best[1], batch, cfg, num_processes, best[2])
+
+
+def _tile_options(latent: tuple[int, int], largest: tuple[int, int] | None) -> list:
+    """Tiles that cover the latent in 1..8 x 1..8 tiles, none larger than ``largest`` (None: any)."""
+    options = set() if largest is not None else {None}
+    for rows in range(1, 9):
+        for cols in range(1, 9):
+            tile = (_tile_for_count(latent[0], rows), _tile_for_count(latent[1], cols))
+            if min(tile) < MIN_TILE_LATENT or tile == latent:
+                continue
+            if largest is None or (tile[0] <= largest[0] and tile[1] <= largest[1]):
+                options.add(tile)
+    if largest is not None:
+        options.add(largest)
+    return sorted(options, key=lambda t: (0, 0) if t is None else t, reverse=True)
+
+
+def _tile_for_count(length: int, count: int) -> int:
+    """The tile that covers ``length`` in ``count`` tiles sharing a quarter tile with each neighbour."""
+    if count == 1:
+        return length
+    return min(length, math.ceil(length / (0.75 * count + 0.25) / LATENT_ALIGN) * LATENT_ALIGN)
 
 
 def _vae_layout_at(latent_h, latent_w, batch, tile, decode: VaePlan, num_processes) -> VaePlan:

@@ -153,3 +153,49 @@ def test_shrinking_halves_the_tile_then_splits_cfg_then_gives_up():
     assert sequential.cfg_sequential and sequential.tile == tiny.tile
     with pytest.raises(RuntimeError):
         shrink_stage(p, sequential)
+
+
+H200 = 0.9 * (141 - 6.9)
+
+
+def test_two_processes_with_cfg_split_the_guidance_halves():
+    one, two = plan(16384, 16384, H200), plan(16384, 16384, H200, num_processes=2)
+    for s1, s2 in zip(one.stages, two.stages):
+        assert s2.grid is None and [u.halves for u in s2.units] == [(0,), (1,)] and s2.owners == (0, 1)
+        assert s2.predicted_bytes <= s1.predicted_bytes
+    assert two.predicted_peak_bytes <= one.predicted_peak_bytes
+    assert "process 1: stage 0: cond" in str(two)
+
+
+def test_without_cfg_two_processes_tile_the_upscale_stages_but_not_the_base():
+    p = plan(4096, 4096, H200, cfg=False, num_processes=2)
+    assert p.stages[0].grid is None and p.stages[0].owners == (0,)
+    for s in p.stages[1:]:
+        assert s.num_tiles == 2 and s.owners == (0, 1)
+
+
+def test_eight_processes_keep_every_process_busy_within_the_one_process_memory():
+    one, eight = plan(16384, 16384, H200), plan(16384, 16384, H200, num_processes=8)
+    for s1, s8 in zip(one.stages[1:], eight.stages[1:]):
+        assert sorted(set(s8.owners)) == list(range(8)) and len(s8.units) % 8 == 0
+        assert s8.predicted_bytes <= s1.predicted_bytes
+        # the busiest process computes at most a quarter of the one-process pixels
+        per_unit = s8.tile[0] * s8.tile[1] * (2 if len(s8.units[0].halves) == 2 else 1)
+        assert per_unit * len(s8.units) // 8 <= 0.25 * 2 * s8.latent_height * s8.latent_width
+    decode = eight.decode
+    assert sorted(set(decode.owners)) == list(range(8))
+    assert max(decode.owners.count(r) for r in range(8)) - min(decode.owners.count(r) for r in range(8)) <= 1
+
+
+def test_several_images_without_cfg_go_to_different_processes():
+    p = plan(1024, 1024, H200, batch=4, cfg=False, num_processes=4)
+    assert [u.images for u in p.stages[0].units] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert p.stages[0].owners == (0, 1, 2, 3)
+
+
+def test_a_single_process_runs_every_unit_of_a_plan_for_several():
+    stage = plan(4096, 4096, H200, num_processes=4).stages[-1]
+    assert stage.units_of(0, 1) == list(stage.units)
+    assert sum(len(stage.units_of(r, 4)) for r in range(4)) == len(stage.units)
+    with pytest.raises(ValueError, match="num_processes"):
+        plan(1024, 1024, H200, num_processes=0)
