@@ -29,7 +29,6 @@ import datetime
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -93,14 +92,14 @@ def parse_args(argv=None):
     return args
 
 
-def build_pipeline(args, device, dtype, workdir: Path) -> tuple[GSPNStableDiffusionXLPipeline, bool]:
+def build_pipeline(args, device, dtype) -> tuple[GSPNStableDiffusionXLPipeline, bool]:
     """(pipeline on ``device`` with the attention asked for, whether its weights are random)."""
     random_weights = args.model is None
     if args.tiny:
-        from gspn_diffusers.testing import save_tiny_sdxl
+        from gspn_diffusers.testing import random_sdxl_components
 
-        pipe = GSPNStableDiffusionXLPipeline.from_pretrained(save_tiny_sdxl(workdir / "tiny_sdxl"), torch_dtype=dtype)
-        pipe.to(device)
+        # Built in place (no folder to write: under several processes only the main one would write it).
+        pipe = GSPNStableDiffusionXLPipeline(**random_sdxl_components("tiny", device, dtype))
     elif args.model:
         try:
             pipe = GSPNStableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
@@ -261,8 +260,7 @@ def main(argv=None) -> list[dict]:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    with tempfile.TemporaryDirectory() as workdir:
-        pipe, random_weights = build_pipeline(args, device, dtype, Path(workdir))
+    pipe, random_weights = build_pipeline(args, device, dtype)
     if random_weights:
         say(NOISE_WARNING)
     attention = "softmax" if args.softmax else "gspn"
