@@ -6,6 +6,6 @@
 from gspn_diffusers import adapter as _adapter  # noqa: F401
 
 from .pipeline_gspn_sdxl import GSPNPipelineOutput, GSPNStableDiffusionXLPipeline
-from .planning import Plan, StagePlan
+from .planning import Plan, StagePlan, Unit, VaePlan
 
-__all__ = ["GSPNStableDiffusionXLPipeline", "GSPNPipelineOutput", "Plan", "StagePlan"]
+__all__ = ["GSPNStableDiffusionXLPipeline", "GSPNPipelineOutput", "Plan", "StagePlan", "Unit", "VaePlan"]

@@ -35,6 +35,21 @@ class Conditioning:
         return Conditioning(self.prompt_embeds[rows], self.text_embeds[rows], self.time_ids[rows],
                             timestep_cond, False, image_embeds)
 
+    def select(self, images: tuple[int, int], halves: tuple[int, ...]) -> "Conditioning":
+        """Rows of images ``images[0]:images[1]`` in each of ``halves`` (0 unconditional, 1 conditional;
+        (0,) without CFG), halves in that order; ``cfg`` says whether both halves are there."""
+        rows = [h * self.batch + b for h in halves for b in range(*images)]
+        if rows == list(range(self.prompt_embeds.shape[0])):
+            return self
+        index = torch.tensor(rows, device=self.prompt_embeds.device)
+
+        def pick(t):
+            return None if t is None else t[index.to(t.device)]
+
+        image_embeds = None if self.image_embeds is None else [pick(e) for e in self.image_embeds]
+        return Conditioning(pick(self.prompt_embeds), pick(self.text_embeds), pick(self.time_ids),
+                            pick(self.timestep_cond), len(halves) == 2, image_embeds)
+
     @property
     def batch(self) -> int:
         return self.prompt_embeds.shape[0] // (2 if self.cfg else 1)

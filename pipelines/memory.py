@@ -33,8 +33,8 @@ SDXL_VAE_WIDTHS = (128, 256, 512, 512)
 UNET_HEADROOM = 1.15
 VAE_HEADROOM = 1.25
 # Latent-sized float32 buffers alive during a stage: latents, start latent, noise, upsampled
-# previous latent, guide, blended noise prediction.
-LATENT_BUFFERS = 6
+# previous latent, guide, the two CFG halves of the blended noise prediction.
+LATENT_BUFFERS = 7
 # Fraction of the free memory the planner hands out when no explicit budget is given.
 FREE_MEMORY_FRACTION = 0.9
 

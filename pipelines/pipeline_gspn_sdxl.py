@@ -23,14 +23,15 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from . import arguments
+from . import arguments, distributed
 from .conditioning import Conditioning, encode, negative_size_conditioning
 from .memory import MemoryModel, available_bytes, resident_bytes
-from .planning import DEFAULT_NUM_INFERENCE_STEPS, Plan, StagePlan, make_plan, shrink_stage, vae_tile_grid
+from .planning import DEFAULT_NUM_INFERENCE_STEPS, Plan, StagePlan, Unit, VaePlan, make_plan, shrink_stage
 from .schedule import custom_schedule_steps, cut_at_denoising_end, set_schedule
 from .vae_codec import check_vae
 from .vae_codec import decode as vae_decode
 from .vae_codec import encode as vae_encode
+from .vae_tiling import TileSpread
 
 logger = logging.getLogger(__name__)
 
@@ -150,35 +151,52 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         strength=None,
         stage_steps=None,
         upsample_guidance=None,
+        upsample_mode: str = "latent",
         tile_size: int | None = None,
         vae_tile_size: int | None = None,
         memory_budget: int | None = None,
+        num_processes: int | None = None,
     ) -> Plan:
         """The plan a call with these arguments would follow; ValueError if it cannot run.
 
-        ``memory_budget``: bytes of working memory beyond what is resident now; None takes 90% of the
-        free memory of the execution device (CUDA: free plus cached-unused; CPU: available RAM).
-        See ``__call__`` for the other arguments.
+        ``memory_budget``: bytes of working memory beyond what is resident now, per process; None
+        takes 90% of the free memory of the execution device (CUDA: free plus cached-unused; CPU:
+        available RAM). ``num_processes``: processes to spread the work over; None: the world size of
+        torch.distributed's process group (1 without one); in a group every process calls ``plan`` (they
+        agree on the least free memory). See ``__call__`` for the other arguments.
         """
+        world = distributed.process()[1]
+        if num_processes is None:
+            num_processes = world
+        elif world > 1 and num_processes != world:
+            raise ValueError(f"num_processes is {num_processes} but this process group has {world} processes; "
+                             "a plan runs on its own number of processes or on one")
+        if upsample_mode not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample_mode must be one of {UPSAMPLE_MODES}; got {upsample_mode!r}")
         device = self._execution_device
         modules = [m for m in self.components.values() if isinstance(m, nn.Module)]
-        memory = MemoryModel.for_models(self.unet, self.vae, self.unet.dtype, self._vae_compute_dtype(),
-                                        resident_bytes(modules, device))
+        # Every process must make the same plan: the least free memory and the most resident bytes.
+        resident = distributed.agree(resident_bytes(modules, device), device, "max")
+        memory = MemoryModel.for_models(self.unet, self.vae, self.unet.dtype, self._vae_compute_dtype(), resident)
+        if memory_budget is None:
+            memory_budget = distributed.agree(available_bytes(device), device, "min")
         return make_plan(
             height=arguments.optional_size("height", height, self.base_size),
             width=arguments.optional_size("width", width, self.base_size),
             base_size=self.base_size,
-            vae_factor=self.vae_scale_factor,
+            vae_scale_factor=self.vae_scale_factor,
             memory=memory,
-            memory_budget=available_bytes(device) if memory_budget is None else int(memory_budget),
+            memory_budget=int(memory_budget),
             batch=batch_size * arguments.positive_int("num_images_per_prompt", num_images_per_prompt),
             cfg=guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None,
             num_inference_steps=num_inference_steps,
             strength=strength,
             stage_steps=stage_steps,
             upsample_guidance=upsample_guidance,
+            upsample_mode=upsample_mode,
             tile_size=tile_size,
             vae_tile_size=vae_tile_size,
+            num_processes=num_processes,
         )
 
     # ------------------------------------------------------------------------------------------ call
@@ -228,6 +246,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         tile_size: int | None = None,
         vae_tile_size: int | None = None,
         memory_budget: int | None = None,
+        num_processes: int | None = None,
     ):
         """Generate images of ``height x width`` (default: the base resolution), progressively above it.
 
@@ -272,6 +291,12 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
           is not an AutoencoderKL tiles its own way, with its ``enable_tiling``, or refuses a plan that
           needs tiles).
         - ``memory_budget``: bytes the call may use beyond what is resident (see ``plan``).
+        - ``num_processes``: processes the plan spreads its work over (default: torch.distributed's
+          world size, 1 without a process group). Under ``accelerate launch`` / ``torchrun`` every
+          process makes the same call on its own device and gets the same images; a single process
+          can run a plan made for N (the same result up to float rounding). See docs/multigpu.md.
+        - ``callback_on_step_end(pipe, step, timestep, callback_kwargs)``: called after every step of
+          every stage; ``step`` counts within the stage, ``pipe.stage_index`` says which stage.
 
         Every argument is checked before any work; bad values raise ValueError naming the argument.
         Returns ``GSPNPipelineOutput`` (``images``, ``plan``, ``timings``) or ``(images,)``.
@@ -303,8 +328,8 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         plan = self.plan(
             height, width, batch_size=batch_size, num_images_per_prompt=num_images_per_prompt,
             guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, strength=strength,
-            stage_steps=stage_steps, upsample_guidance=upsample_guidance, tile_size=tile_size,
-            vae_tile_size=vae_tile_size, memory_budget=memory_budget,
+            stage_steps=stage_steps, upsample_guidance=upsample_guidance, upsample_mode=upsample_mode, tile_size=tile_size,
+            vae_tile_size=vae_tile_size, memory_budget=memory_budget, num_processes=num_processes,
         )
         self.check_inputs(
             prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
@@ -312,13 +337,13 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             ip_adapter_image_embeds, callback_on_step_end_tensor_inputs,
         )
         arguments.check_ip_adapter(self.unet, self.image_encoder, ip_adapter_image, ip_adapter_image_embeds)
-        arguments.check_ip_adapter_masks(cross_attention_kwargs, [s.index for s in plan.stages if s.tile_size])
-        check_vae(self.vae, plan.vae_num_tiles > 1,
-                  (("decode", "encode") if upsample_mode == "pixel" and len(plan.stages) > 1 else ())
-                  + (("decode",) if output_type != "latent" else ()))
+        arguments.check_ip_adapter_masks(cross_attention_kwargs, [s.index for s in plan.stages if s.grid is not None])
+        upsample_tiled = any(s.upsample is not None and s.upsample[0].num_tiles > 1 for s in plan.stages)
+        check_vae(self.vae, upsample_tiled, ("decode", "encode"))
+        if output_type != "latent":
+            check_vae(self.vae, plan.decode.num_tiles > 1, ("decode",))
         base = plan.stages[0]
-        latent_shape = (plan.batch, self.unet.config.in_channels, base.height // self.vae_scale_factor,
-                        base.width // self.vae_scale_factor)
+        latent_shape = (plan.batch, self.unet.config.in_channels, base.latent_height, base.latent_width)
         if latents is not None and tuple(latents.shape) != latent_shape:
             raise ValueError(f"latents must have the base stage's shape {latent_shape}; got {tuple(latents.shape)}")
 
@@ -350,8 +375,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         with self.progress_bar(total=len(plan.stages)) as stages_bar:
             for stage in plan.stages:
                 stages_bar.set_description(f"stage {stage.index} {stage.width}x{stage.height}")
-                latents, record = self._run_stage(stage, plan, latents, cond, generator, upsample_mode,
-                                                  step_kwargs, callback)
+                latents, record = self._run_stage(stage, plan, latents, cond, generator, step_kwargs, callback)
                 timings.append(record)
                 stages_bar.update()
         self.stage_index = None
@@ -360,9 +384,9 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             images = latents
         else:
             with _measured(latents.device) as record:
-                image = self._vae_decode(latents, plan)
+                image = self._vae_decode(latents, plan.decode)
             timings.append({"stage": "decode", "height": height, "width": width,
-                            "tiles": plan.vae_num_tiles, **record})
+                            "tiles": plan.decode.num_tiles, **record})
             if self.watermark is not None:
                 image = self.watermark.apply_watermark(image)
             if output_type != "pt":
@@ -375,39 +399,39 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
 
     # ---------------------------------------------------------------------------------------- stages
 
-    def _run_stage(self, stage: StagePlan, plan: Plan, previous, cond, generator, upsample_mode, step_kwargs,
-                   callback):
-        """Run one stage; on CUDA out-of-memory, re-plan it with smaller tiles and run it again from
-        its start latent. Returns (latents, timing record)."""
+    def _run_stage(self, stage: StagePlan, plan: Plan, previous, cond, generator, step_kwargs, callback):
+        """Run one stage; on out-of-memory, re-plan it with smaller tiles (``shrink_stage``) and run it
+        again from its start latent. Returns (latents, timing record)."""
         self.stage_index = stage.index
         device = self._execution_device
         with _measured(device) as record:
-            start, guide = self._stage_start(stage, plan, previous, cond, generator, upsample_mode)
+            timesteps = self._set_stage_timesteps(stage)
+            start, guide = self._stage_start(stage, timesteps[0], plan, previous, cond, generator)
             attempts = 1
             while True:
                 try:
-                    latents = self._denoise(stage, start, guide, cond, step_kwargs, callback)
+                    latents = self._denoise(stage, plan, timesteps, start, guide, cond, step_kwargs, callback)
                     break
                 except torch.OutOfMemoryError as error:
+                    if self._process()[1] > 1:  # the other processes wait in a collective: no re-plan
+                        raise
                     try:
-                        smaller = shrink_stage(stage, plan.cfg, plan.batch, self._memory_model(),
-                                               self.vae_scale_factor)
+                        smaller = shrink_stage(plan, stage)
                     except RuntimeError:
                         raise error from None
                 # Out of the except block, the failed attempt's tensors are released.
                 logger.warning("stage %d ran out of memory with tiles %s; retrying with tiles %s%s",
-                               stage.index, stage.tile_size, smaller.tile_size,
+                               stage.index, stage.tile, smaller.tile,
                                ", CFG sequential" if smaller.cfg_sequential else "")
                 stage, attempts = smaller, attempts + 1
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                timesteps = self._set_stage_timesteps(stage)  # the scheduler starts the stage afresh
+        f = self.vae_scale_factor
         record = {"stage": stage.index, "height": stage.height, "width": stage.width, "steps": stage.steps,
-                  "tiles": stage.num_tiles, "tile_size": stage.tile_size, "cfg_sequential": stage.cfg_sequential,
-                  "attempts": attempts, **record}
+                  "tiles": stage.num_tiles, "tile_size": None if stage.tile is None else (stage.tile[0] * f, stage.tile[1] * f),
+                  "cfg_sequential": stage.cfg_sequential, "attempts": attempts, **record}
         return latents, record
-
-    def _memory_model(self) -> MemoryModel:
-        return MemoryModel.for_models(self.unet, self.vae, self.unet.dtype, self._vae_compute_dtype())
 
     def _set_stage_timesteps(self, stage: StagePlan) -> torch.Tensor:
         """Set the scheduler to the stage's schedule and return its timesteps: the last ``stage.steps``
@@ -423,38 +447,39 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             timesteps = cut_at_denoising_end(timesteps, self.denoising_end, self.scheduler.config.num_train_timesteps)
         return timesteps
 
-    def _stage_start(self, stage, plan, previous, cond, generator, upsample_mode):
+    def _stage_start(self, stage: StagePlan, first_timestep, plan: Plan, previous, cond, generator):
         """(start latent, guide) of a stage. Base stage: the initial noise (``previous`` is the user's
         ``latents`` or None), no guide. Upscale stage: the previous latent upsampled and noised to the
-        stage's first timestep; the guide is (upsampled latent, that noise)."""
+        stage's first timestep; the guide is (upsampled latent, that noise).
+        With several processes, the main process's noise is everyone's."""
         device, dtype = self._execution_device, cond.prompt_embeds.dtype
-        timesteps = self._set_stage_timesteps(stage)
         if stage.index == 0:
             start = self.prepare_latents(plan.batch, self.unet.config.in_channels, stage.height, stage.width,
                                          dtype, device, generator, previous)
-            return start, None
-        source = self._upsample(previous, stage, plan, upsample_mode).to(dtype)
-        noise = randn_tensor(source.shape, generator=generator, device=device, dtype=dtype)
-        start = self.scheduler.add_noise(source, noise, timesteps[:1].repeat(plan.batch))
+            return distributed.broadcast(start.contiguous()), None
+        source = self._upsample(previous, stage).to(dtype)
+        noise = distributed.broadcast(randn_tensor(source.shape, generator=generator, device=device, dtype=dtype))
+        start = self.scheduler.add_noise(source, noise, first_timestep.reshape(1).repeat(plan.batch))
         return start, (source, noise)
 
-    def _upsample(self, latents: torch.Tensor, stage: StagePlan, plan: Plan, mode: str) -> torch.Tensor:
-        """(B, c, h, w) latents of the previous stage -> (B, c, H / f, W / f) at this stage's size."""
-        size = (stage.height // self.vae_scale_factor, stage.width // self.vae_scale_factor)
-        if mode == "latent":
-            return F.interpolate(latents.float(), size=size, mode="bicubic", align_corners=False)
-        image = self._vae_decode(latents, plan)
+    def _upsample(self, latents: torch.Tensor, stage: StagePlan) -> torch.Tensor:
+        """(B, c, h, w) latents of the previous stage -> (B, c, H / f, W / f) at this stage's size:
+        bicubic on the latent, or, when the plan has VAE layouts for it, decode, resize, encode."""
+        if stage.upsample is None:
+            return F.interpolate(latents.float(), size=(stage.latent_height, stage.latent_width), mode="bicubic",
+                                 align_corners=False)
+        decode, encode = stage.upsample
+        image = self._vae_decode(latents, decode)
         image = F.interpolate(image, size=(stage.height, stage.width), mode="bicubic", align_corners=False)
-        return self._vae_encode(image.clamp_(-1, 1), plan)
+        return self._vae_encode(image.clamp_(-1, 1), encode)
 
-    def _denoise(self, stage: StagePlan, start, guide, cond: _Conditioning, step_kwargs, callback) -> torch.Tensor:
-        """Denoise ``start`` through the stage's timesteps; returns the stage's latents."""
+    def _denoise(self, stage: StagePlan, plan: Plan, timesteps, start, guide, cond: _Conditioning, step_kwargs,
+                 callback) -> torch.Tensor:
+        """Denoise ``start`` through ``timesteps`` (the scheduler is set to them); returns the latents."""
         # The step follows StableDiffusionXLPipeline.__call__'s denoising loop (diffusers 0.42).
-        timesteps = self._set_stage_timesteps(stage)
         self._num_timesteps = len(timesteps)
-        grid = stage.tile_grid(self.vae_scale_factor)
-        tiles = None if grid is None else [
-            (tile.slices(), grid.weight(k, start.device)) for k, tile in enumerate(grid.tiles)]
+        weights = {} if stage.grid is None else {
+            k: stage.grid.weight(k, start.device) for k in {u.tile for u in stage.units}}
         callback_fn, callback_inputs = callback
         latents = start
         with self.progress_bar(total=len(timesteps)) as bar:
@@ -467,7 +492,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                     target = self.scheduler.add_noise(source, noise, t.reshape(1).repeat(source.shape[0]))
                     latents = torch.lerp(latents, target.to(latents.dtype), weight)
                 model_input = self.scheduler.scale_model_input(latents, t)
-                noise_pred = self._predict_noise(model_input, t, cond, stage, tiles)
+                noise_pred = self._predict_noise(model_input, t, cond, stage, weights)
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
                 if callback_fn is not None:
                     latents = self._step_callback(callback_fn, callback_inputs, i, t, latents, cond)
@@ -485,31 +510,50 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
 
     # ------------------------------------------------------------------------------------------ UNet
 
-    def _predict_noise(self, model_input, t, cond: _Conditioning, stage: StagePlan, tiles) -> torch.Tensor:
-        """The guided noise prediction for a (B, c, h, w) model input: one UNet pass on the whole latent,
-        or one per tile, blended with the tiles' weights (which sum to one). ``tiles``: None or a list of
-        ((row slice, column slice), weight (th, tw))."""
-        if tiles is None:
-            return self._guided_noise(model_input, t, cond, stage.cfg_sequential)
-        blended = torch.zeros_like(model_input, dtype=torch.float32)
-        for (rows, cols), weight in tiles:
-            noise = self._guided_noise(model_input[:, :, rows, cols], t, cond, stage.cfg_sequential)
-            blended[:, :, rows, cols] += noise.float() * weight
-        return blended.to(model_input.dtype)
-
-    def _guided_noise(self, x, t, cond: _Conditioning, cfg_sequential: bool) -> torch.Tensor:
-        """Classifier-free-guided noise for x (B, c, h, w); the two halves batched or one after the other."""
+    def _predict_noise(self, model_input, t, cond: _Conditioning, stage: StagePlan, weights) -> torch.Tensor:
+        """The guided noise prediction for a (B, c, h, w) model input: the stage's units (``Unit``) of
+        this process, each a UNet call on a tile (or the whole latent) for some images and CFG halves,
+        blended per half with the tiles' weights (``weights``: tile -> (th, tw); they sum to one), then
+        guided. Guidance is linear, so guiding the blended halves equals blending guided tiles."""
+        halves = torch.zeros((2 if cond.cfg else 1, *model_input.shape), dtype=torch.float32,
+                             device=model_input.device)
+        for unit in stage.units_of(*self._process()):
+            self._run_unit(unit, model_input, t, cond, stage, weights, halves)
+        halves = self._gather_prediction(halves)
         # Follows the guidance of StableDiffusionXLPipeline.__call__'s denoising loop (diffusers 0.42).
         if not cond.cfg:
-            return self._unet(x, t, cond)
-        if cfg_sequential:
-            uncond, text = self._unet(x, t, cond.half(0)), self._unet(x, t, cond.half(1))
-        else:
-            uncond, text = self._unet(torch.cat([x, x]), t, cond).chunk(2)
+            return halves[0].to(model_input.dtype)
+        uncond, text = halves
         noise = uncond + self.guidance_scale * (text - uncond)
         if self.guidance_rescale > 0:
             noise = rescale_noise_cfg(noise, text, guidance_rescale=self.guidance_rescale)
-        return noise
+        return noise.to(model_input.dtype)
+
+    def _run_unit(self, unit: Unit, model_input, t, cond: _Conditioning, stage: StagePlan, weights, halves):
+        """Add one unit's weighted UNet output into ``halves`` (2 or 1, B, c, h, w) float32."""
+        images = slice(*unit.images)
+        region = (images, slice(None)) + (() if unit.tile is None else stage.grid.tiles[unit.tile].slices())
+        x = model_input[region]
+        out = self._unet(x.repeat(len(unit.halves), 1, 1, 1), t, cond.select(unit.images, unit.halves))
+        for half, noise in zip(unit.halves, out.chunk(len(unit.halves))):
+            noise = noise.float()
+            if unit.tile is not None:
+                noise = noise * weights[unit.tile]
+            halves[half][region] += noise
+
+    def _process(self) -> tuple[int, int]:
+        """(this process, number of processes) the plan's units are spread over."""
+        return distributed.process()
+
+    def _gather_prediction(self, halves: torch.Tensor) -> torch.Tensor:
+        """Every process's weighted unit outputs summed: the whole blended prediction everywhere."""
+        return distributed.all_reduce_sum(halves)
+
+    def progress_bar(self, iterable=None, total=None):
+        """diffusers' progress bar, on the main process only."""
+        if not distributed.is_main_process():
+            self._progress_bar_config = {**getattr(self, "_progress_bar_config", {}), "disable": True}
+        return super().progress_bar(iterable=iterable, total=total)
 
     def _unet(self, x, t, cond: _Conditioning) -> torch.Tensor:
         return self.unet(
@@ -572,29 +616,36 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         return (torch.tensor(config.latents_mean).view(shape).to(like),
                 torch.tensor(config.latents_std).view(shape).to(like))
 
-    def _vae_decode(self, latents: torch.Tensor, plan: Plan) -> torch.Tensor:
-        """(B, c, h, w) latents -> float32 (B, 3, h * f, w * f) image in [-1, 1], tiled as the plan says."""
-        f = self.vae_scale_factor
+    def _vae_decode(self, latents: torch.Tensor, layout: VaePlan) -> torch.Tensor:
+        """(B, c, h, w) latents -> float32 (B, 3, h * f, w * f) image in [-1, 1], tiled as ``layout`` says."""
         mean, std = self._latent_statistics(latents)
         z = latents / self.vae.config.scaling_factor if mean is None else (
             latents * std / self.vae.config.scaling_factor + mean)
-        grid = vae_tile_grid(z.shape[-2], z.shape[-1], plan.vae_tile_size, f)
-        with self._vae_in_compute_dtype() as dtype, self._tile_bar(grid, "VAE decode") as bar:
-            return vae_decode(self.vae, z.to(dtype), grid, plan.vae_context_size // f, bar.update)
+        with self._vae_in_compute_dtype() as dtype, self._tile_bar(layout, "VAE decode") as bar:
+            return vae_decode(self.vae, z.to(dtype), layout.grid, layout.context, bar.update,
+                              layout.tiles_of(*self._process()), self._tile_spread())
 
-    def _vae_encode(self, image: torch.Tensor, plan: Plan) -> torch.Tensor:
+    def _vae_encode(self, image: torch.Tensor, layout: VaePlan) -> torch.Tensor:
         """(B, 3, H, W) image in [-1, 1] -> float32 (B, c, H / f, W / f) scaled latents (distribution mean)."""
-        f = self.vae_scale_factor
-        grid = vae_tile_grid(image.shape[-2] // f, image.shape[-1] // f, plan.vae_tile_size, f)
-        with self._vae_in_compute_dtype() as dtype, self._tile_bar(grid, "VAE encode") as bar:
-            z = vae_encode(self.vae, image.to(dtype), grid, plan.vae_context_size // f, bar.update)
+        with self._vae_in_compute_dtype() as dtype, self._tile_bar(layout, "VAE encode") as bar:
+            z = vae_encode(self.vae, image.to(dtype), layout.grid, layout.context, bar.update,
+                           layout.tiles_of(*self._process()), self._tile_spread())
         mean, std = self._latent_statistics(z)
         if mean is None:
             return z * self.vae.config.scaling_factor
         return (z - mean) * self.vae.config.scaling_factor / std
 
-    def _tile_bar(self, grid, description: str):
-        bar = self.progress_bar(total=1 if grid is None else len(grid))
+    def _tile_spread(self) -> TileSpread | None:
+        """How VAE tiles spread over processes share the context and join; None in one process."""
+        if self._process()[1] == 1:
+            return None
+        device = self._execution_device
+        return TileSpread(lambda whole, record: distributed.share_context(whole, record, device),
+                          distributed.all_reduce_sum)
+
+    def _tile_bar(self, layout: VaePlan, description: str):
+        rank, world = self._process()
+        bar = self.progress_bar(total=len(layout.tiles_of(rank, world) or [None]))
         bar.set_description(description)
         return bar
 

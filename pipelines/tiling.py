@@ -87,6 +87,15 @@ def _ramp_up(shared: int, margin: int) -> torch.Tensor:
     return torch.cat([torch.zeros(margin, dtype=torch.float64), ramp, torch.ones(margin, dtype=torch.float64)])
 
 
+def context_shape(height: int, width: int, context_size: int) -> tuple[int, int]:
+    """(h, w) of a whole-image context for an ``height x width`` grid: unchanged, or scaled so the
+    longer side is ``context_size``."""
+    longest = max(height, width)
+    if longest <= context_size:
+        return height, width
+    return max(1, round(height * context_size / longest)), max(1, round(width * context_size / longest))
+
+
 class TileGrid:
     """Tiles of ``tile = (th, tw)`` over an ``height x width`` grid, with their blending weights.
 

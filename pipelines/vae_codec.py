@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import retrieve_latents
 
 from .tiling import TileGrid
-from .vae_tiling import decode_tiled, encode_tiled
+from .vae_tiling import TileSpread, decode_tiled, encode_tiled
 
 
 def has_synchronised_tiling(vae) -> bool:
@@ -46,12 +46,14 @@ def check_vae(vae, needs_tiles: bool, directions: tuple[str, ...]) -> None:
 
 
 def decode(vae, latents: torch.Tensor, grid: TileGrid | None, context_size: int,
-           on_tile: Callable | None = None) -> torch.Tensor:
+           on_tile: Callable | None = None, tiles: list[int] | None = None,
+           spread: TileSpread | None = None) -> torch.Tensor:
     """``decode_tiled``'s contract for any VAE: (B, c, h, w) latents (divided by the scaling factor, in
     the VAE's dtype) -> float32 (B, 3, h * f, w * f) image in [-1, 1]. A VAE without synchronised tiling
-    runs its own ``decode``, tiled its own way (``enable_tiling``) when ``grid`` has several tiles."""
+    runs its own ``decode`` (in every process: ``tiles`` and ``spread`` apply to the synchronised
+    tiling only), tiled its own way (``enable_tiling``) when ``grid`` has several tiles."""
     if has_synchronised_tiling(vae):
-        return decode_tiled(vae, latents, grid, context_size, on_tile)
+        return decode_tiled(vae, latents, grid, context_size, on_tile, tiles, spread)
     with _own_tiling(vae, grid is not None and len(grid) > 1):
         image = vae.decode(latents, return_dict=False)[0].float()
     if on_tile is not None:
@@ -60,11 +62,13 @@ def decode(vae, latents: torch.Tensor, grid: TileGrid | None, context_size: int,
 
 
 def encode(vae, image: torch.Tensor, grid: TileGrid | None, context_size: int,
-           on_tile: Callable | None = None) -> torch.Tensor:
+           on_tile: Callable | None = None, tiles: list[int] | None = None,
+           spread: TileSpread | None = None) -> torch.Tensor:
     """``encode_tiled``'s contract for any VAE: (B, 3, H, W) image -> float32 latents (the distribution's
-    mode where the VAE gives a distribution), not yet times the scaling factor."""
+    mode where the VAE gives a distribution), not yet times the scaling factor; ``tiles`` and ``spread``
+    as for ``decode``."""
     if has_synchronised_tiling(vae):
-        return encode_tiled(vae, image, grid, context_size, on_tile)
+        return encode_tiled(vae, image, grid, context_size, on_tile, tiles, spread)
     with _own_tiling(vae, grid is not None and len(grid) > 1):
         latents = retrieve_latents(vae.encode(image), sample_mode="argmax").float()
     if on_tile is not None:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .tiling import TileGrid
+from .tiling import TileGrid, context_shape
 
 
 class _SharedGroupNorm(nn.Module):
@@ -129,32 +129,40 @@ def _downscaled(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x.float(), size=size, mode="area").to(x.dtype)
 
 
-def context_shape(height: int, width: int, context_size: int) -> tuple[int, int]:
-    """(h, w) of the context for an ``height x width`` grid: unchanged, or scaled so the longer side
-    is ``context_size``."""
-    longest = max(height, width)
-    if longest <= context_size:
-        return height, width
-    return max(1, round(height * context_size / longest)), max(1, round(width * context_size / longest))
-
-
-def _tiled_with_context(fn, module, x, context, grid: TileGrid, in_scale, out_scale, out_channels, on_tile):
+def _tiled_with_context(fn, module, x, context, grid: TileGrid, in_scale, out_scale, out_channels, on_tile,
+                        tiles=None, spread: "TileSpread | None" = None):
     """Run ``fn`` once on ``context`` (recording), then on every tile of x (applying); blend the tile
     outputs. ``grid`` is on the coarse (latent) grid; x is ``in_scale`` and the output ``out_scale``
-    times finer."""
+    times finer. ``tiles``: the indices to run here (None: all); ``spread``: how the context is shared
+    and the blended output summed when the tiles are spread over processes."""
     shape = (x.shape[0], out_channels, grid.height * out_scale, grid.width * out_scale)
     out = torch.zeros(shape, dtype=torch.float32, device=x.device)
     whole = WholeImageContext(module)
     with whole.installed():
         whole.mode = "record"
-        fn(context)
+        if spread is None:
+            fn(context)
+        else:
+            spread.share_context(whole, lambda: fn(context))
         whole.mode = "apply"
-        for index, tile in enumerate(grid.tiles):
+        for index in range(len(grid)) if tiles is None else tiles:
+            tile = grid.tiles[index]
             y = fn(x[(..., *tile.slices(in_scale))])
             out[(..., *tile.slices(out_scale))] += y.float() * grid.weight(index, x.device, out_scale)
             if on_tile is not None:
                 on_tile()
+    if spread is not None:
+        spread.sum(out)
     return out
+
+
+class TileSpread:
+    """Tiles spread over processes: ``share_context(whole, record)`` runs ``record`` (the context
+    pass) once and gives every process its statistics and tokens; ``sum(out)`` adds the processes'
+    partial outputs in place. ``pipelines.distributed`` provides them for torch.distributed."""
+
+    def __init__(self, share_context: Callable, sum: Callable):
+        self.share_context, self.sum = share_context, sum
 
 
 def _whole(fn, x, on_tile):
@@ -188,28 +196,33 @@ def _encoder_mean(vae):
 
 
 def decode_tiled(vae, latents: torch.Tensor, grid: TileGrid | None, context_size: int,
-                 on_tile: Callable | None = None) -> torch.Tensor:
+                 on_tile: Callable | None = None, tiles: list[int] | None = None,
+                 spread: TileSpread | None = None) -> torch.Tensor:
     """Decode (B, c, h, w) latents (already divided by the scaling factor, in the VAE's dtype) into a
     float32 (B, 3, h * f, w * f) image, f the VAE factor. ``grid``: tiles over (h, w), or None to
     decode in one go. ``context_size``: the longest side (latent pixels) of the context pass.
-    ``on_tile`` is called after each tile (once when not tiled)."""
+    ``on_tile`` is called after each tile (once when not tiled). ``tiles``: the tile indices this
+    process decodes (None: all); ``spread`` shares the context and sums the processes' parts."""
     decode = _decoder(vae)
     if grid is None or len(grid) == 1:
         return _whole(decode, latents, on_tile)
     context = _downscaled(latents, context_shape(*latents.shape[-2:], context_size))
     return _tiled_with_context(decode, vae.decoder, latents, context, grid, 1, vae_scale_factor(vae),
-                               vae.config.out_channels, on_tile)
+                               vae.config.out_channels, on_tile, tiles, spread)
 
 
 def encode_tiled(vae, image: torch.Tensor, grid: TileGrid | None, context_size: int,
-                 on_tile: Callable | None = None) -> torch.Tensor:
+                 on_tile: Callable | None = None, tiles: list[int] | None = None,
+                 spread: TileSpread | None = None) -> torch.Tensor:
     """Encode a (B, 3, H, W) image (in [-1, 1], the VAE's dtype) into the float32 (B, c, H / f, W / f)
     mean of its latent distribution (not yet times the scaling factor). ``grid``: tiles over the
-    latent (H / f, W / f), or None to encode in one go; ``context_size`` in latent pixels."""
+    latent (H / f, W / f), or None to encode in one go; ``context_size`` in latent pixels; ``tiles``
+    and ``spread`` as for ``decode_tiled``."""
     encode = _encoder_mean(vae)
     if grid is None or len(grid) == 1:
         return _whole(encode, image, on_tile)
     f = vae_scale_factor(vae)
     h, w = context_shape(image.shape[-2] // f, image.shape[-1] // f, context_size)
     context = _downscaled(image, (h * f, w * f))
-    return _tiled_with_context(encode, vae.encoder, image, context, grid, f, 1, vae.config.latent_channels, on_tile)
+    return _tiled_with_context(encode, vae.encoder, image, context, grid, f, 1, vae.config.latent_channels, on_tile,
+                               tiles, spread)

@@ -43,3 +43,48 @@ def test_several_sizes_without_images(generate_16k, tmp_path):
                                  "--out", str(tmp_path)])
     assert [(r["width"], r["height"]) for r in reports] == [(256, 256), (384, 256)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gspn_256x256.json", "gspn_384x256.json"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tiny", "--height", "700"], "height must be a positive multiple of 8"),
+    (["--tiny", "--sizes", "3000x2000x1"], "size must be N or WxH"),
+    (["--model", "/nonexistent", "--device", "cpu", "--allow-slow-cpu"], "--model /nonexistent"),
+    (["--tiny", "--steps", "0"], "--steps must be at least 1"),
+])
+def test_user_errors_are_one_line_without_traceback(generate_16k, tmp_path, capsys, argv, message):
+    try:
+        status = generate_16k.cli(argv + ["--out", str(tmp_path)])
+    except SystemExit as exit:  # argparse's own errors
+        status = exit.code
+    err = capsys.readouterr().err
+    assert status == 2 and message in err.strip().splitlines()[-1]  # argparse's usage comes first
+    assert "Traceback" not in err
+
+
+def test_full_size_on_cpu_is_refused_unless_asked(generate_16k, tmp_path, capsys, monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before the refusal")
+
+    monkeypatch.setattr(generate_16k, "build_pipeline", no_build)
+    assert generate_16k.cli(["--device", "cpu", "--height", "4096", "--width", "4096", "--out", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert "no GPU" in captured.out and "--allow-slow-cpu" in captured.err and "min on this CPU" in captured.err
+    with pytest.raises(AssertionError, match="built"):  # asked: it goes on to build the model
+        generate_16k.cli(["--device", "cpu", "--height", "4096", "--allow-slow-cpu", "--out", str(tmp_path)])
+
+
+def test_tiny_run_has_no_float32_modules_warning(generate_16k, tmp_path, capsys):
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.enable_propagation()
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        generate_16k.main(["--tiny", "--plan-only", "--height", "256", "--width", "256", "--out", str(tmp_path)])
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert not [r for r in records if "should be kept in float32" in r.getMessage()]

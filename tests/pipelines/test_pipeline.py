@@ -45,7 +45,7 @@ def test_progressive_non_square(pipe):
 def test_forced_tiling_keeps_the_size_and_makes_no_nan(pipe):
     out = generate(pipe, height=512, width=640, tile_size=128, vae_tile_size=128)
     assert all(s.num_tiles > 1 for s in out.plan.stages)
-    assert out.plan.vae_num_tiles > 1
+    assert out.plan.decode.num_tiles > 1
     assert [t["tiles"] for t in out.timings[:-1]] == [s.num_tiles for s in out.plan.stages]
     assert out.images.shape == (1, 512, 640, 3)
     assert np.isfinite(out.images).all() and out.images.std() > 0
@@ -147,16 +147,16 @@ def test_out_of_memory_replans_the_stage_smaller_and_keeps_finished_stages(pipe,
     original = GSPNStableDiffusionXLPipeline._predict_noise
     calls = []
 
-    def failing_once(self, model_input, t, cond, stage, tiles):
-        calls.append((stage.index, stage.tile_size))
-        if stage.index == 1 and stage.tile_size == (256, 256) and (1, (256, 256)) not in calls[:-1]:
+    def failing_once(self, model_input, t, cond, stage, weights):
+        calls.append((stage.index, stage.tile))
+        if stage.index == 1 and stage.tile == (32, 32) and (1, (32, 32)) not in calls[:-1]:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(self, model_input, t, cond, stage, tiles)
+        return original(self, model_input, t, cond, stage, weights)
 
     monkeypatch.setattr(GSPNStableDiffusionXLPipeline, "_predict_noise", failing_once)
     out = generate(pipe, height=512, width=512, num_inference_steps=4, tile_size=256)
     first, second = out.timings[0], out.timings[1]
-    assert out.plan.stages[1].tile_size == (256, 256)
+    assert out.plan.stages[1].tile == (32, 32)
     assert first["attempts"] == 1 and second["attempts"] == 2
     assert second["tile_size"][0] < 256 and second["tiles"] > out.plan.stages[1].num_tiles
     assert [c for c in calls if c[0] == 0] == [(0, None)] * 4  # the base stage ran once
@@ -189,3 +189,28 @@ def test_upsample_guidance_pulls_the_stage_towards_the_upsampled_previous_latent
         return (out.images - upsampled).abs().mean()
 
     assert run(1.0) < 0.5 * run(0.0)
+
+
+def test_each_stage_sets_the_schedule_once_and_runs_the_plans_own_tiles(pipe, monkeypatch):
+    set_timesteps, grids = [], []
+    original_set = pipe.scheduler.set_timesteps
+    monkeypatch.setattr(pipe.scheduler, "set_timesteps", lambda *a, **k: (set_timesteps.append(a), original_set(*a, **k))[1])
+    original_unit = GSPNStableDiffusionXLPipeline._run_unit
+
+    def recording(self, unit, model_input, t, cond, stage, weights, halves):
+        grids.append(stage.grid)
+        return original_unit(self, unit, model_input, t, cond, stage, weights, halves)
+
+    monkeypatch.setattr(GSPNStableDiffusionXLPipeline, "_run_unit", recording)
+    out = generate(pipe, height=512, width=512, tile_size=128)
+    assert len(set_timesteps) == len(out.plan.stages) == 2
+    assert {id(g) for g in grids} == {id(s.grid) for s in out.plan.stages}
+
+
+def test_pixel_upsampling_is_planned_with_its_vae_layouts(pipe):
+    plan = pipe.plan(512, 512, upsample_mode="pixel", vae_tile_size=128)
+    decode, encode = plan.stages[1].upsample
+    assert (decode.latent_height, encode.latent_height) == (32, 64)
+    assert decode.grid.tile_height == encode.grid.tile_height == plan.decode.grid.tile_height == 16
+    assert encode.num_tiles == plan.decode.num_tiles > decode.num_tiles > 1
+    assert pipe.plan(512, 512).stages[1].upsample is None

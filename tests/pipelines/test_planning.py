@@ -17,7 +17,7 @@ SDXL = MemoryModel(SDXL_UNET_BYTES_PER_LATENT_PIXEL, 4, SDXL_VAE_BYTES_PER_PIXEL
 
 
 def plan(height, width, budget_gib, **kwargs):
-    return make_plan(height=height, width=width, base_size=1024, vae_factor=8, memory=SDXL,
+    return make_plan(height=height, width=width, base_size=1024, vae_scale_factor=8, memory=SDXL,
                      memory_budget=int(budget_gib * GIB), **kwargs)
 
 
@@ -48,7 +48,7 @@ def test_any_size_ends_exactly_with_stages_of_at_most_two(height, width):
 def test_enough_memory_runs_every_stage_whole_and_batched():
     p = plan(4096, 4096, 65)
     assert [(s.height, s.width) for s in p.stages] == [(1024, 1024), (2048, 2048), (4096, 4096)]
-    assert all(s.tile_size is None and s.num_tiles == 1 and not s.cfg_sequential for s in p.stages)
+    assert all(s.tile is None and s.num_tiles == 1 and not s.cfg_sequential for s in p.stages)
     assert p.predicted_peak_bytes <= SDXL.resident_bytes + 65 * GIB
 
 
@@ -56,10 +56,10 @@ def test_16k_on_80gb_runs_the_whole_latent_with_cfg_halves_one_after_the_other()
     # Measured on one H100, see docs/benchmarks.md: the UNet at 16K fits at batch 1 (44.9 GiB) but not at batch 2.
     p = plan(16384, 16384, 0.9 * (80 - 6.9))
     last = p.stages[-1]
-    assert last.tile_size is None and last.cfg_sequential
+    assert last.tile is None and last.cfg_sequential
     assert not p.stages[-2].cfg_sequential  # 8K still batched
     assert p.predicted_peak_bytes < 80 * GIB
-    assert p.vae_tile_size is not None and p.vae_num_tiles > 100
+    assert p.decode.grid is not None and p.decode.num_tiles > 100
 
 
 def test_cfg_sequential_between_batch_one_and_batch_two():
@@ -67,21 +67,21 @@ def test_cfg_sequential_between_batch_one_and_batch_two():
     one = SDXL.stage_bytes(pixels, pixels, 1, 1)
     two = SDXL.stage_bytes(pixels, pixels, 2, 1)
     p = plan(2048, 2048, (one + two) / 2 / GIB)
-    assert p.stages[-1].tile_size is None and p.stages[-1].cfg_sequential
+    assert p.stages[-1].tile is None and p.stages[-1].cfg_sequential
     assert not p.stages[0].cfg_sequential
 
 
 def test_small_budget_tiles_the_large_stages_within_the_budget():
     budget = 3
     p = plan(8192, 8192, budget)
-    tiled = [s for s in p.stages if s.tile_size is not None]
+    tiled = [s for s in p.stages if s.tile is not None]
     assert tiled and tiled[-1].index == len(p.stages) - 1
     for s in p.stages:
         assert s.predicted_bytes <= budget * GIB
     last = tiled[-1]
-    assert last.num_tiles > 1 and last.tile_size[0] < 8192
+    assert last.num_tiles > 1 and last.tile[0] < 8192 // 8
     # tiles no larger than their count needs: overlap costs at most ~1.5x the stage's area
-    assert last.num_tiles * last.tile_size[0] * last.tile_size[1] < 1.6 * 8192**2
+    assert last.num_tiles * last.tile[0] * last.tile[1] < 1.6 * (8192 // 8) ** 2
 
 
 def test_impossible_budget_is_refused():
@@ -93,12 +93,12 @@ def test_impossible_budget_is_refused():
 
 def test_without_cfg_one_batch():
     p = plan(2048, 2048, 1.5, cfg=False)
-    assert p.stages[-1].tile_size is None and not p.stages[-1].cfg_sequential
+    assert p.stages[-1].tile is None and not p.stages[-1].cfg_sequential
 
 
 def test_forced_tile_size_tiles_larger_stages_only():
     p = plan(4096, 4096, 65, tile_size=2048)
-    assert [s.tile_size for s in p.stages] == [None, None, (2048, 2048)]
+    assert [s.tile for s in p.stages] == [None, None, (256, 256)]
     assert p.stages[-1].num_tiles == 9  # 3 x 3 with a quarter overlap
 
 
@@ -141,15 +141,61 @@ def test_plan_prints_a_table():
 def test_shrinking_halves_the_tile_then_splits_cfg_then_gives_up():
     p = plan(2048, 2048, 65)
     stage = p.stages[-1]
-    smaller = shrink_stage(stage, True, 1, SDXL, 8)
-    assert smaller.tile_size is not None
-    assert math.isclose(smaller.tile_size[0] * smaller.tile_size[1] / 2048**2, 0.5, abs_tol=0.05)
+    smaller = shrink_stage(p, stage)
+    assert smaller.tile is not None
+    assert math.isclose(smaller.tile[0] * smaller.tile[1] / 256**2, 0.5, abs_tol=0.05)
     assert smaller.predicted_bytes < stage.predicted_bytes
     tiny = smaller
-    while tiny.tile_size[0] > 16 * 8 * math.sqrt(2):
-        tiny = shrink_stage(tiny, True, 1, SDXL, 8)
+    while tiny.tile[0] > 16 * math.sqrt(2):
+        tiny = shrink_stage(p, tiny)
     assert not tiny.cfg_sequential
-    sequential = shrink_stage(tiny, True, 1, SDXL, 8)
-    assert sequential.cfg_sequential and sequential.tile_size == tiny.tile_size
+    sequential = shrink_stage(p, tiny)
+    assert sequential.cfg_sequential and sequential.tile == tiny.tile
     with pytest.raises(RuntimeError):
-        shrink_stage(sequential, True, 1, SDXL, 8)
+        shrink_stage(p, sequential)
+
+
+H200 = 0.9 * (141 - 6.9)
+
+
+def test_two_processes_with_cfg_split_the_guidance_halves():
+    one, two = plan(16384, 16384, H200), plan(16384, 16384, H200, num_processes=2)
+    for s1, s2 in zip(one.stages, two.stages):
+        assert s2.grid is None and [u.halves for u in s2.units] == [(0,), (1,)] and s2.owners == (0, 1)
+        assert s2.predicted_bytes <= s1.predicted_bytes
+    assert two.predicted_peak_bytes <= one.predicted_peak_bytes
+    assert "process 1: stage 0: cond" in str(two)
+
+
+def test_without_cfg_two_processes_tile_the_upscale_stages_but_not_the_base():
+    p = plan(4096, 4096, H200, cfg=False, num_processes=2)
+    assert p.stages[0].grid is None and p.stages[0].owners == (0,)
+    for s in p.stages[1:]:
+        assert s.num_tiles == 2 and s.owners == (0, 1)
+
+
+def test_eight_processes_keep_every_process_busy_within_the_one_process_memory():
+    one, eight = plan(16384, 16384, H200), plan(16384, 16384, H200, num_processes=8)
+    for s1, s8 in zip(one.stages[1:], eight.stages[1:]):
+        assert sorted(set(s8.owners)) == list(range(8)) and len(s8.units) % 8 == 0
+        assert s8.predicted_bytes <= s1.predicted_bytes
+        # the busiest process computes at most a quarter of the one-process pixels
+        per_unit = s8.tile[0] * s8.tile[1] * (2 if len(s8.units[0].halves) == 2 else 1)
+        assert per_unit * len(s8.units) // 8 <= 0.25 * 2 * s8.latent_height * s8.latent_width
+    decode = eight.decode
+    assert sorted(set(decode.owners)) == list(range(8))
+    assert max(decode.owners.count(r) for r in range(8)) - min(decode.owners.count(r) for r in range(8)) <= 1
+
+
+def test_several_images_without_cfg_go_to_different_processes():
+    p = plan(1024, 1024, H200, batch=4, cfg=False, num_processes=4)
+    assert [u.images for u in p.stages[0].units] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert p.stages[0].owners == (0, 1, 2, 3)
+
+
+def test_a_single_process_runs_every_unit_of_a_plan_for_several():
+    stage = plan(4096, 4096, H200, num_processes=4).stages[-1]
+    assert stage.units_of(0, 1) == list(stage.units)
+    assert sum(len(stage.units_of(r, 4)) for r in range(4)) == len(stage.units)
+    with pytest.raises(ValueError, match="num_processes"):
+        plan(1024, 1024, H200, num_processes=0)

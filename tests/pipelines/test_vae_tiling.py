@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from gspn_diffusers.pipelines.planning import vae_tile_grid
+from gspn_diffusers.pipelines.planning import vae_grid
 from gspn_diffusers.pipelines.vae_tiling import WholeImageContext, decode_tiled, encode_tiled
 from gspn_diffusers.testing import tiny_vae_config
 
@@ -44,7 +44,7 @@ def _diffusers_tiled(vae, fn, x):
 
 @torch.no_grad()
 def test_tiled_decode_matches_untiled_and_beats_diffusers_tiling(vae, latents):
-    grid = vae_tile_grid(LATENT, LATENT, TILE, 8)
+    grid = vae_grid(LATENT, LATENT, TILE // 8)
     assert len(grid) == 9
     untiled = vae.decode(latents).sample
     ours = decode_tiled(vae, latents, grid, context_size=LATENT)
@@ -58,7 +58,7 @@ def test_tiled_decode_matches_untiled_and_beats_diffusers_tiling(vae, latents):
 @torch.no_grad()
 def test_downscaled_context_still_beats_diffusers_tiling(vae, latents):
     """Images too large for a full-size context pass get one at half the size (here 32 of 64)."""
-    grid = vae_tile_grid(LATENT, LATENT, TILE, 8)
+    grid = vae_grid(LATENT, LATENT, TILE // 8)
     untiled = vae.decode(latents).sample
     ours = decode_tiled(vae, latents, grid, context_size=LATENT // 2)
     theirs = _diffusers_tiled(vae, lambda z: vae.decode(z).sample, latents)
@@ -69,7 +69,7 @@ def test_downscaled_context_still_beats_diffusers_tiling(vae, latents):
 def test_tiled_encode_matches_untiled(vae, latents):
     image = vae.decode(latents).sample.clamp(-1, 1)
     untiled = vae.encode(image).latent_dist.mean
-    ours = encode_tiled(vae, image, vae_tile_grid(LATENT, LATENT, TILE, 8), context_size=LATENT)
+    ours = encode_tiled(vae, image, vae_grid(LATENT, LATENT, TILE // 8), context_size=LATENT)
     theirs = _diffusers_tiled(vae, lambda x: vae.encode(x).latent_dist.mean, image)
     assert ours.shape == untiled.shape == (1, 4, LATENT, LATENT)
     assert _relative_error(ours, untiled) < 0.02

@@ -70,7 +70,7 @@ def test_tiny_vae_tiles_its_own_way_when_the_plan_needs_tiles(tiny_vae_pipes, mo
     monkeypatch.setattr(AutoencoderTiny, "decode", decode)
     out = gspn(PROMPT, height=512, width=512, num_inference_steps=2, vae_tile_size=128, output_type="pt",
                generator=torch.Generator().manual_seed(0))
-    assert out.plan.vae_num_tiles > 1 and seen == [True]
+    assert out.plan.decode.num_tiles > 1 and seen == [True]
     assert not vae.use_tiling  # switched back off after the decode
     assert out.images.shape == (1, 3, 512, 512) and torch.isfinite(out.images).all()
 
