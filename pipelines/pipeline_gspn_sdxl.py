@@ -86,6 +86,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         self.register_modules(gspn=gspn)
         if gspn is not None:
             gspn.mount(unet)
+            gspn.fuse_projections()  # generation needs no gradients: one GEMM for up and to_out[0]
         self.stage_index: int | None = None
         self.num_stages: int | None = None
         self._custom_schedule: dict = {}
@@ -599,13 +600,14 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
     @contextmanager
     def _vae_in_compute_dtype(self):
         original, dtype = self.vae.dtype, self._vae_compute_dtype()
+        # nn.Module.to: ModelMixin.to warns about float32 modules on every cast, even when it lists none.
         if dtype != original:
-            self.vae.to(dtype=dtype)
+            nn.Module.to(self.vae, dtype=dtype)
         try:
             yield dtype
         finally:
             if dtype != original:
-                self.vae.to(dtype=original)
+                nn.Module.to(self.vae, dtype=original)
 
     def _latent_statistics(self, like: torch.Tensor):
         """(mean, std) the VAE's latents are normalised with, or (None, None) for scaling alone."""

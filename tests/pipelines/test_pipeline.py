@@ -214,3 +214,19 @@ def test_pixel_upsampling_is_planned_with_its_vae_layouts(pipe):
     assert decode.grid.tile_height == encode.grid.tile_height == plan.decode.grid.tile_height == 16
     assert encode.num_tiles == plan.decode.num_tiles > decode.num_tiles > 1
     assert pipe.plan(512, 512).stages[1].upsample is None
+
+
+def test_vae_cast_to_its_compute_dtype_without_warning_and_back(tiny_sdxl_path, caplog):
+    from diffusers.utils import logging as diffusers_logging
+
+    pipe = GSPNStableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vae.to(torch.float16)  # decoded in float32 on CPU: cast for the decode, then back
+    diffusers_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            generate(pipe)
+    finally:
+        diffusers_logging.disable_propagation()
+    assert not [r for r in caplog.records if "kept in float32" in r.getMessage()]
+    assert pipe.vae.dtype == torch.float16
