@@ -10,61 +10,25 @@ A run with another global batch (1 x 1) is far outside that (about 0.5), so the 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from distill_utils import BENCH_DISTILL, TINY_RUN, make_image_folder, read_log, run_distill
+from launching import launch_two_processes
 
-import gspn_diffusers.distill.distill_sdxl as script
 from gspn_diffusers.distill import checkpoints, compare_adapters
 
 RUN = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--learning_rate", "3e-3"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def accelerate_launch(tmp_path: Path, *script_args: str, script_file=script.__file__) -> subprocess.CompletedProcess:
-    launcher = Path(sys.executable).parent / "accelerate"
-    prefix = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf_home"),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    command = prefix + [
-        "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
-        str(script_file), *script_args,
-    ]
-    if prefix[-1] == "accelerate.commands.launch":
-        command.remove("launch")
-    # Own session, so that a timeout ends the launcher and both ranks, not just the launcher.
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"accelerate launch did not finish in 600 s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
 def test_two_processes_agree_with_one(tmp_path, tiny_sdxl_path):
     images = make_image_folder(tmp_path / "images")
     two = tmp_path / "two"
-    result = accelerate_launch(
-        tmp_path, "--pretrained_model_name_or_path", str(tiny_sdxl_path), "--train_data_dir", str(images),
+    result = launch_two_processes(
+        tmp_path, BENCH_DISTILL, "--pretrained_model_name_or_path", str(tiny_sdxl_path), "--train_data_dir", str(images),
         "--output_dir", str(two), *TINY_RUN, *RUN, "--train_batch_size", "1", "--ddp_timeout", "120",
         "--validation_prompt", "a cat", "--validation_steps", "2", "--num_validation_images", "1",
         "--validation_inference_steps", "2", "--benchmark_json", str(tmp_path / "bench.json"),
-        script_file=BENCH_DISTILL,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert "2 process(es)" in result.stdout

@@ -3,10 +3,6 @@ that plan: the guidance split, the tile split, the VAE decode and encode split, 
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,40 +13,15 @@ from gspn_diffusers.pipelines import GSPNStableDiffusionXLPipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_worker  # noqa: E402
+from launching import launch_two_processes  # noqa: E402
 
 WORKER = Path(distributed_worker.__file__)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def accelerate_launch(tmp_path: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    launcher = Path(sys.executable).parent / "accelerate"
-    prefix = [str(launcher), "launch"] if launcher.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf_home"),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    command = prefix + ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                        "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port",
-                        str(free_port()), *args]
-    # Own session, so that a timeout ends the launcher and both ranks, not just the launcher.
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"accelerate launch did not finish in {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
 def two_processes(tiny_sdxl_path, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("distributed")
-    result = accelerate_launch(tmp_path, str(WORKER), str(tiny_sdxl_path), str(tmp_path / "out.pt"))
+    result = launch_two_processes(tmp_path, WORKER, str(tiny_sdxl_path), str(tmp_path / "out.pt"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return torch.load(tmp_path / "out.pt"), result
 
