@@ -29,11 +29,7 @@ class Conditioning:
 
     def half(self, index: int) -> "Conditioning":
         """Rows of the unconditional (0) or conditional (1) half."""
-        rows = slice(index * self.batch, (index + 1) * self.batch)
-        image_embeds = None if self.image_embeds is None else [e[rows] for e in self.image_embeds]
-        timestep_cond = None if self.timestep_cond is None else self.timestep_cond[rows]
-        return Conditioning(self.prompt_embeds[rows], self.text_embeds[rows], self.time_ids[rows],
-                            timestep_cond, False, image_embeds)
+        return self.select((0, self.batch), (index,))
 
     def select(self, images: tuple[int, int], halves: tuple[int, ...]) -> "Conditioning":
         """Rows of images ``images[0]:images[1]`` in each of ``halves`` (0 unconditional, 1 conditional;

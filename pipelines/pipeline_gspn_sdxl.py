@@ -48,8 +48,6 @@ class GSPNPipelineOutput(StableDiffusionXLPipelineOutput):
     timings: list[dict] = field(default_factory=list)
 
 
-_Conditioning = Conditioning
-
 
 class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
     """SDXL text-to-image with an optional ``gspn`` component (a ``GSPNAdapter``, mounted on the UNet)
@@ -474,7 +472,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         image = F.interpolate(image, size=(stage.height, stage.width), mode="bicubic", align_corners=False)
         return self._vae_encode(image.clamp_(-1, 1), encode)
 
-    def _denoise(self, stage: StagePlan, plan: Plan, timesteps, start, guide, cond: _Conditioning, step_kwargs,
+    def _denoise(self, stage: StagePlan, plan: Plan, timesteps, start, guide, cond: Conditioning, step_kwargs,
                  callback) -> torch.Tensor:
         """Denoise ``start`` through ``timesteps`` (the scheduler is set to them); returns the latents."""
         # The step follows StableDiffusionXLPipeline.__call__'s denoising loop (diffusers 0.42).
@@ -500,7 +498,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                 bar.update()
         return latents
 
-    def _step_callback(self, callback_fn, names, i, t, latents, cond: _Conditioning) -> torch.Tensor:
+    def _step_callback(self, callback_fn, names, i, t, latents, cond: Conditioning) -> torch.Tensor:
         fields = {"prompt_embeds": "prompt_embeds", "add_text_embeds": "text_embeds", "add_time_ids": "time_ids"}
         kwargs = {name: latents if name == "latents" else getattr(cond, fields[name]) for name in names}
         outputs = callback_fn(self, i, t, kwargs) or {}
@@ -511,7 +509,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
 
     # ------------------------------------------------------------------------------------------ UNet
 
-    def _predict_noise(self, model_input, t, cond: _Conditioning, stage: StagePlan, weights) -> torch.Tensor:
+    def _predict_noise(self, model_input, t, cond: Conditioning, stage: StagePlan, weights) -> torch.Tensor:
         """The guided noise prediction for a (B, c, h, w) model input: the stage's units (``Unit``) of
         this process, each a UNet call on a tile (or the whole latent) for some images and CFG halves,
         blended per half with the tiles' weights (``weights``: tile -> (th, tw); they sum to one), then
@@ -530,7 +528,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             noise = rescale_noise_cfg(noise, text, guidance_rescale=self.guidance_rescale)
         return noise.to(model_input.dtype)
 
-    def _run_unit(self, unit: Unit, model_input, t, cond: _Conditioning, stage: StagePlan, weights, halves):
+    def _run_unit(self, unit: Unit, model_input, t, cond: Conditioning, stage: StagePlan, weights, halves):
         """Add one unit's weighted UNet output into ``halves`` (2 or 1, B, c, h, w) float32."""
         images = slice(*unit.images)
         region = (images, slice(None)) + (() if unit.tile is None else stage.grid.tiles[unit.tile].slices())
@@ -556,7 +554,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             self._progress_bar_config = {**getattr(self, "_progress_bar_config", {}), "disable": True}
         return super().progress_bar(iterable=iterable, total=total)
 
-    def _unet(self, x, t, cond: _Conditioning) -> torch.Tensor:
+    def _unet(self, x, t, cond: Conditioning) -> torch.Tensor:
         return self.unet(
             x, t, encoder_hidden_states=cond.prompt_embeds, timestep_cond=cond.timestep_cond,
             cross_attention_kwargs=self.cross_attention_kwargs,
