@@ -13,14 +13,13 @@ import json
 
 import pytest
 from distill_utils import BENCH_DISTILL, TINY_RUN, make_image_folder, read_log, run_distill
-from launching import launch_two_processes
 
 from gspn_diffusers.distill import checkpoints, compare_adapters
 
 RUN = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--learning_rate", "3e-3"]
 
 
-def test_two_processes_agree_with_one(tmp_path, tiny_sdxl_path):
+def test_two_processes_agree_with_one(tmp_path, tiny_sdxl_path, launch_two_processes):
     images = make_image_folder(tmp_path / "images")
     two = tmp_path / "two"
     result = launch_two_processes(

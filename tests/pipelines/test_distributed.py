@@ -13,13 +13,12 @@ from gspn_diffusers.pipelines import GSPNStableDiffusionXLPipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_worker  # noqa: E402
-from launching import launch_two_processes  # noqa: E402
 
 WORKER = Path(distributed_worker.__file__)
 
 
 @pytest.fixture(scope="module")
-def two_processes(tiny_sdxl_path, tmp_path_factory):
+def two_processes(tiny_sdxl_path, tmp_path_factory, launch_two_processes):
     tmp_path = tmp_path_factory.mktemp("distributed")
     result = launch_two_processes(tmp_path, WORKER, str(tiny_sdxl_path), str(tmp_path / "out.pt"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
