@@ -120,18 +120,19 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        self.shadow = [p.detach().clone().float() for p in model.parameters()]
         self.updates = 0
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for key, value in model.state_dict().items():
-            self.shadow[key].lerp_(value.float(), 1 - decay)
+        torch._foreach_lerp_(self.shadow, [p.float() for p in model.parameters()], 1 - decay)
 
     def copy_to(self, model: nn.Module) -> None:
-        model.load_state_dict(self.shadow)
+        with torch.no_grad():
+            for param, value in zip(model.parameters(), self.shadow):
+                param.copy_(value)
 
 
 def random_flip(images: torch.Tensor, generator=None) -> torch.Tensor:

@@ -11,7 +11,11 @@ feature losses and an optional layerwise stage). Every model trains for the same
 Metrics: held-out epsilon loss on the test subset (same noise and timesteps for every model) and the share
 of the control-to-teacher gap a model recovers; FID and KID of ``--samples`` guided samples against the
 train subset; FID against the teacher's samples; paired per-seed PSNR to the teacher's samples (same
-initial noise and labels). Writes <out>/quality.json and <out>/quality.md after every model.
+initial noise and labels). Each model's row goes to <out>/rows/<model>.json; <out>/quality.json and
+<out>/quality.md gather every row there, so the models can run as parallel processes on one GPU:
+
+    for m in teacher control default no_layerwise; do python3 -m benchmarks.quality.evaluate ... --models $m & done
+    wait; python3 -m benchmarks.quality.evaluate ... --models ""    # the report of all rows
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -183,8 +188,20 @@ def make_student(teacher: core.ClassConditionedUNet) -> tuple[core.ClassConditio
     return student, adapter, list(adapter.parameters())
 
 
-def write_report(out: Path, rows: list[dict], meta: dict) -> None:
-    (out / "quality.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+MODEL_ORDER = ["teacher", "control", *(f"student:{name}" for name in RECIPES)]
+
+
+def write_report(out: Path, meta: dict) -> list[dict]:
+    """Gather the rows in <out>/rows (written by any number of processes), add the gap recovered, and write
+    <out>/quality.json and <out>/quality.md (written to temporary names, then renamed). Returns the rows."""
+    rows = sorted((json.loads(path.read_text()) for path in (out / "rows").glob("*.json")),
+                  key=lambda row: MODEL_ORDER.index(row["model"]))
+    by_name = {row["model"]: row for row in rows}
+    if "teacher" in by_name and "control" in by_name:
+        gap = by_name["control"]["heldout_loss"] - by_name["teacher"]["heldout_loss"]
+        for row in rows:
+            if row["model"] != "teacher":
+                row["gap_recovered"] = (by_name["control"]["heldout_loss"] - row["heldout_loss"]) / gap if gap else None
     header = ("| model | held-out loss | gap recovered | FID | KID x1e3 | FID vs teacher | PSNR vs teacher (dB) "
               "| train steps |\n|---|---|---|---|---|---|---|---|\n")
 
@@ -196,7 +213,12 @@ def write_report(out: Path, rows: list[dict], meta: dict) -> None:
              f"{cell(r.get('fid_vs_teacher'), '.2f')} | {cell(r.get('psnr_vs_teacher'), '.2f')} | "
              f"{r.get('train', {}).get('steps', '-')} |" for r in rows]
     notes = ", ".join(f"{k} {v}" for k, v in meta.items() if not isinstance(v, (dict, list)))
-    (out / "quality.md").write_text(header + "\n".join(lines) + f"\n\n{notes}\n")
+    for name, text in (("quality.json", json.dumps(dict(meta=meta, rows=rows), indent=1)),
+                       ("quality.md", header + "\n".join(lines) + f"\n\n{notes}\n")):
+        temporary = out / f".{name}.{os.getpid()}"
+        temporary.write_text(text)
+        temporary.replace(out / name)
+    return rows
 
 
 def parse_args(argv=None):
@@ -206,27 +228,39 @@ def parse_args(argv=None):
     parser.add_argument("--inception", help="the float16 FID Inception TorchScript file (not with --tiny)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--minutes", type=float, default=0.5, help="training budget of each distilled model")
-    parser.add_argument("--recipes", default="default,no_layerwise,no_feature,lr1e-3",
-                        help=f"comma-separated, from {', '.join(RECIPES)}")
+    parser.add_argument("--models", default=",".join(["teacher", "control", *RECIPES]),
+                        help=f"comma-separated, from teacher, control, {', '.join(RECIPES)} (student recipes); "
+                             "empty: only gather the rows in --out into the report")
     parser.add_argument("--samples", type=int, default=10000)
     parser.add_argument("--sampling_steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=1.5)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="CPU, few images and samples, random features")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    names = [name for name in args.models.split(",") if name]
+    unknown = [name for name in names if name not in ("teacher", "control", *RECIPES)]
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from teacher, control, {', '.join(RECIPES)}")
+    args.models = names
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    recipes = [RECIPES[name] for name in args.recipes.split(",") if name]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "rows").mkdir(parents=True, exist_ok=True)
     samples, batch = (16, 4) if args.tiny else (args.samples, args.batch)
     sampling_steps = 3 if args.tiny else args.sampling_steps
     max_steps = 2 if args.tiny else None
+    meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                date=time.strftime("%Y-%m-%d"), samples=samples, sampler=f"DPM-Solver++(2M) {sampling_steps} steps",
+                guidance=args.guidance, minutes_per_model=args.minutes,
+                features="random (tiny)" if args.tiny else "FID Inception-v3 pool3, float16 weights")
+    if not args.models:
+        return dict(meta=meta, rows=write_report(out, meta))
 
     train_images, train_labels = core.decode_split(Path(args.data) / "train_jpeg.npz", 48 if args.tiny else None)
     test_images, test_labels = core.decode_split(Path(args.data) / "test_jpeg.npz", 16 if args.tiny else None)
@@ -235,57 +269,53 @@ def main(argv=None) -> dict:
     extractor = fid.TinyFeatures().to(device) if args.tiny else fid.load_inception(args.inception, device)
     reference_feats = fid.features(extractor, train_images)
     reference = fid.statistics(reference_feats)
-    meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                date=time.strftime("%Y-%m-%d"), train_reference_images=len(train_images),
-                test_images=len(test_images), samples=samples, sampler=f"DPM-Solver++(2M) {sampling_steps} steps",
-                guidance=args.guidance, minutes_per_model=args.minutes,
-                features="random (tiny)" if args.tiny else "FID Inception-v3 pool3, float16 weights")
+    meta.update(train_reference_images=len(train_images), test_images=len(test_images))
     core.log(f"{len(train_images)} train / {len(test_images)} test images; reference features {tuple(reference_feats.shape)}")
 
     teacher = core.load_model(args.teacher, device).eval().requires_grad_(False)
     sample_labels = torch.arange(samples, device=device) % core.NUM_CLASSES
-    rows, teacher_samples, control_loss = [], None, None
+
+    def draw(model):
+        return core.sample(model, sample_labels, seed=args.seed, steps=sampling_steps, guidance=args.guidance)
+
+    teacher_samples = []  # (images, statistics) of the teacher, made once when a model needs them
 
     def measure(name: str, model: nn.Module, train: dict | None) -> None:
-        nonlocal teacher_samples, control_loss
         model.eval()
         row = dict(model=name, heldout_loss=core.heldout_loss(model, test_images, test_labels))
-        images = core.sample(model, sample_labels, seed=args.seed, steps=sampling_steps, guidance=args.guidance)
+        images = draw(model)
         feats = fid.features(extractor, images)
         stats = fid.statistics(feats)
         row["fid"] = fid.frechet_distance(stats, reference)
         row["kid"] = fid.kernel_inception_distance(feats, reference_feats)
-        if teacher_samples is None:
-            teacher_samples = (images, feats, stats)
-        else:
-            row["fid_vs_teacher"] = fid.frechet_distance(stats, teacher_samples[2])
+        if name != "teacher":
+            if not teacher_samples:
+                teacher_images = draw(teacher)
+                teacher_samples.extend((teacher_images, fid.statistics(fid.features(extractor, teacher_images))))
+            row["fid_vs_teacher"] = fid.frechet_distance(stats, teacher_samples[1])
             row["psnr_vs_teacher"] = fid.paired_psnr(images, teacher_samples[0])
-        if name == "control":
-            control_loss = row["heldout_loss"]
-        if control_loss is not None and name != "teacher":
-            gap = control_loss - rows[0]["heldout_loss"]
-            row["gap_recovered"] = (control_loss - row["heldout_loss"]) / gap if gap != 0 else None
         if train is not None:
             row["train"] = train
-        rows.append(row)
-        write_report(out, rows, meta)
+        (out / "rows" / f"{name.replace(':', '_')}.json").write_text(json.dumps(row, indent=1))
         core.log(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
 
-    measure("teacher", teacher, None)
-    control, params = make_control(teacher)
-    control.train()
-    summary = distill(control, teacher, params, CONTROL, train_images, train_labels, args.minutes * 60, batch,
-                      args.seed, max_steps=max_steps)
-    measure("control", control, summary)
-    del control
-    for recipe in recipes:
-        student, adapter, params = make_student(teacher)
-        student.train()
-        summary = distill(student, teacher, params, recipe, train_images, train_labels, args.minutes * 60, batch,
+    for name in args.models:
+        if name == "teacher":
+            measure("teacher", teacher, None)
+            continue
+        if name == "control":
+            model, params = make_control(teacher)
+            adapter, recipe = None, CONTROL
+        else:
+            model, adapter, params = make_student(teacher)
+            recipe = RECIPES[name]
+            name = f"student:{name}"
+        model.train()
+        summary = distill(model, teacher, params, recipe, train_images, train_labels, args.minutes * 60, batch,
                           args.seed, adapter=adapter, max_steps=max_steps)
-        measure(f"student:{recipe.name}", student, summary)
-        del student, adapter
-    return dict(meta=meta, rows=rows)
+        measure(name, model, summary)
+        del model, adapter
+    return dict(meta=meta, rows=write_report(out, meta))
 
 
 if __name__ == "__main__":

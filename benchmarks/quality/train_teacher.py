@@ -1,15 +1,20 @@
 """Train the quality benchmark's teacher: a class-conditional pixel-space UNet on CIFAR-10 (epsilon
-objective, label dropout 10% for guidance, bf16 autocast, AdamW, EMA), for a fixed wall-clock budget.
+objective, label dropout 10% for guidance, bf16 autocast, AdamW, EMA), for a fixed wall-clock budget;
+the learning rate warms up, then follows a cosine to zero over the budget.
 
     python3 -m benchmarks.quality.train_teacher --data .carry/train --out $OUT/teacher --minutes 5
+    python3 -m benchmarks.quality.train_teacher --data .carry/train --init .carry/teacher --out $OUT/teacher
 
 Writes <out>/model.safetensors (the EMA weights, float16), <out>/config.json and <out>/train_log.json.
+``--init`` continues from such a folder (a wall-clock budget per GPU call): its weights start both the
+model and the EMA, the optimizer starts afresh, and the log counts the steps of every run so far.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -23,6 +28,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="folder holding train_jpeg.npz")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--init", help="a folder this script wrote: continue from its weights")
     parser.add_argument("--minutes", type=float, default=5.0, help="training wall-clock budget")
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--lr", type=float, default=4e-4)
@@ -48,9 +54,15 @@ def main(argv=None) -> Path:
     images, labels = images.to(device), labels.to(device)
     core.log(f"decoded {len(images)} train images in {time.time() - started:.1f} s")
 
-    model = core.ClassConditionedUNet(config).to(device)
+    if args.init:
+        model = core.load_model(args.init, device)
+        config = json.loads((Path(args.init) / "config.json").read_text())
+        history = json.loads((Path(args.init) / "train_log.json").read_text())
+        runs = history.get("runs", [dict(steps=history["steps"], seconds=history["seconds"], batch=history["batch"])])
+    else:
+        model, runs = core.ClassConditionedUNet(config).to(device), []
     ema = core.EMA(model, args.ema)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
     scheduler = core.noise_scheduler()
     alphas = scheduler.alphas_cumprod.to(device)
     core.log(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters on {device}")
@@ -65,8 +77,9 @@ def main(argv=None) -> Path:
         t = torch.randint(0, core.TRAIN_TIMESTEPS, (batch,), device=device)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        progress = (time.time() - began) / budget_s
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(progress, 1)))
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             prediction = model(xt, t, y)
         loss = per_sample_mse(prediction, prediction_target(scheduler, x0, noise, t)).mean()
@@ -78,13 +91,15 @@ def main(argv=None) -> Path:
         step += 1
         if step % 100 == 0:
             losses.append((step, round(time.time() - began, 1), loss.item()))
-            if step % 1000 == 0:
+            if step % 500 == 0:
                 core.log(f"step {step}  loss {loss.item():.4f}  {step / (time.time() - began):.1f} steps/s")
     elapsed = time.time() - began
     ema.copy_to(model)
     out = core.save_model(model, args.out, config)
+    runs.append(dict(steps=step, seconds=round(elapsed, 1), batch=batch))
     (out / "train_log.json").write_text(json.dumps(dict(
-        steps=step, batch=batch, seconds=round(elapsed, 1), lr=args.lr, ema=args.ema, device=str(device),
+        steps=sum(r["steps"] for r in runs), batch=batch, seconds=round(sum(r["seconds"] for r in runs), 1),
+        runs=runs, lr=args.lr, ema=args.ema, device=str(device),
         gpu=torch.cuda.get_device_name() if device.type == "cuda" else None, loss_curve=losses,
         parameters=sum(p.numel() for p in model.parameters())), indent=1))
     core.log(f"trained {step} steps in {elapsed:.0f} s; saved {out}")

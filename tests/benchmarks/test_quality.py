@@ -99,17 +99,53 @@ def test_whole_harness_tiny(cifar_like, tmp_path):
     teacher_dir = train_teacher.main(["--data", str(cifar_like), "--out", str(tmp_path / "teacher"), "--tiny"])
     log = json.loads((teacher_dir / "train_log.json").read_text())
     assert log["steps"] == 3
-    result = evaluate.main(["--teacher", str(teacher_dir), "--data", str(cifar_like), "--out", str(tmp_path / "eval"),
-                            "--tiny", "--recipes", "default,no_feature"])
+    common = ["--teacher", str(teacher_dir), "--data", str(cifar_like), "--out", str(tmp_path / "eval"), "--tiny"]
+    # as on the GPU: the models in separate runs (there, parallel processes), then the report of all rows
+    first = evaluate.main(common + ["--models", "default,teacher"])
+    assert [row["model"] for row in first["rows"]] == ["teacher", "student:default"]
+    assert "gap_recovered" not in first["rows"][1]  # no control yet
+    evaluate.main(common + ["--models", "no_feature,control"])
+    result = evaluate.main(common + ["--models", ""])
     names = [row["model"] for row in result["rows"]]
     assert names == ["teacher", "control", "student:default", "student:no_feature"]
     default = result["rows"][2]
     assert default["train"]["layerwise_steps"] == 1 and default["train"]["steps"] == 2
     for row in result["rows"]:
         assert math.isfinite(row["heldout_loss"]) and math.isfinite(row["fid"]) and math.isfinite(row["kid"])
+    teacher_loss, control_loss = result["rows"][0]["heldout_loss"], result["rows"][1]["heldout_loss"]
     assert result["rows"][1]["gap_recovered"] == pytest.approx(0.0)
+    assert default["gap_recovered"] == pytest.approx(
+        (control_loss - default["heldout_loss"]) / (control_loss - teacher_loss))
     assert all("psnr_vs_teacher" in row and "fid_vs_teacher" in row for row in result["rows"][1:])
     saved = json.loads((tmp_path / "eval" / "quality.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     table = (tmp_path / "eval" / "quality.md").read_text()
     assert table.count("\n| ") == 4 and "student:no_feature" in table
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(common + ["--models", "teacher,nonsense"])
+
+
+def test_teacher_training_continues_from_a_saved_teacher(cifar_like, tmp_path):
+    first = train_teacher.main(["--data", str(cifar_like), "--out", str(tmp_path / "a"), "--tiny"])
+    saved = core.load_model(first, "cpu")
+    second = train_teacher.main(["--data", str(cifar_like), "--init", str(first), "--out", str(tmp_path / "b"),
+                                 "--tiny"])
+    log = json.loads((second / "train_log.json").read_text())
+    assert log["steps"] == 6 and [run["steps"] for run in log["runs"]] == [3, 3]
+    continued = core.load_model(second, "cpu")
+    # the continued run starts from the saved weights: after 3 small steps it is near them, not a fresh init
+    fresh = core.ClassConditionedUNet(json.loads((first / "config.json").read_text()))
+    start, moved, other = (torch.cat([p.flatten() for p in m.parameters()]) for m in (saved, continued, fresh))
+    assert (moved - start).norm() < 0.1 * (other - start).norm()
+
+
+def test_ema_tracks_parameters_with_warm_up():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = core.EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model)  # decay min(0.9, 2/11): shadow = 1 + (3 - 1) * (1 - 2/11)
+    ema.copy_to(model)
+    assert model.weight.detach().flatten().tolist() == pytest.approx([1 + 2 * 9 / 11] * 2)
