@@ -286,8 +286,8 @@ def stage_attentions(stage_attention, num_stages: int, gspn_available: bool) -> 
 
     ``stage_attention``: None (softmax in the base stage, gspn above; softmax everywhere when
     ``gspn_available`` is False), one of ``ATTENTIONS`` for every stage, or a list of one per stage.
-    The base stage is softmax even when rounding to the latent alignment puts it up to ~9% above the
-    base area: it is the stage at the resolution the UNet was trained at. ValueError naming
+    The base stage is softmax even where rounding to the latent alignment puts it a few percent above
+    the base area: it is the stage at the resolution the UNet was trained at. ValueError naming
     ``stage_attention`` for anything else, and for "gspn" without an adapter.
     """
     if stage_attention is None:
