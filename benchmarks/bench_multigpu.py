@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 GIB = 1024**3
+ATTENTION_LETTERS = {"softmax": "s", "gspn": "g"}
 
 
 def parse_args(argv=None):
@@ -54,7 +55,8 @@ def run(args) -> dict:
     pipe = build(args.tiny, device)
     pipe.set_progress_bar_config(disable=True)
     rank, world = distributed.process()
-    pipe("warm-up", num_inference_steps=1, output_type="latent")  # kernel builds stay out of the timings
+    for attention in ("softmax", "gspn"):  # kernel builds stay out of the timings
+        pipe("warm-up", num_inference_steps=1, output_type="latent", stage_attention=attention)
     results = []
     for size in args.sizes:
         if device.type == "cuda":
@@ -74,12 +76,15 @@ def run(args) -> dict:
         else:
             peaks = [peak]
         results.append({"size": size, "total_seconds": total,
-                        "stages": [{"stage": t["stage"], "seconds": t["seconds"]} for t in out.timings],
+                        "stages": [{"stage": t["stage"], "attention": t.get("attention"), "seconds": t["seconds"]}
+                                   for t in out.timings],
                         "peak_bytes_per_gpu": [int(p.item()) for p in peaks], "plan": str(out.plan)})
         if rank == 0:
             print(out.plan)
             print(f"{size}: {total:.2f} s on {world} GPU(s), peak {max(results[-1]['peak_bytes_per_gpu']) / GIB:.2f} "
-                  "GiB per GPU", flush=True)
+                  "GiB per GPU; stages: " + ", ".join(
+                      f"{t['stage']} {t['attention'] + ' ' if 'attention' in t else ''}{t['seconds']:.2f} s"
+                      for t in out.timings), flush=True)
     report = {"gpus": world, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "steps": args.steps, "runs": results}
     if rank == 0:
@@ -89,11 +94,12 @@ def run(args) -> dict:
 
 
 def table(folder: str) -> str:
-    """Size, GPUs, seconds per stage, total, speed-up and efficiency against 1 GPU, peak per GPU."""
+    """Size, GPUs, seconds per stage, the attention of each stage, total, speed-up and efficiency against
+    1 GPU, peak per GPU."""
     reports = sorted((json.loads(p.read_text()) for p in Path(folder).glob("multigpu_*gpu.json")),
                      key=lambda r: r["gpus"])
     one = {r["size"]: r["total_seconds"] for rep in reports if rep["gpus"] == 1 for r in rep["runs"]}
-    lines = [f"{'size':>6} {'GPUs':>4}  {'seconds per stage (0, 1, ..., decode)':<44} {'total':>7} "
+    lines = [f"{'size':>6} {'GPUs':>4}  {'seconds per stage (0, 1, ..., decode)':<44} {'attention':<9} {'total':>7} "
              f"{'speed-up':>8} {'effic.':>6} {'peak/GPU':>9}"]
     for size in sorted({r["size"] for rep in reports for r in rep["runs"]}):
         for rep in reports:
@@ -101,11 +107,13 @@ def table(folder: str) -> str:
                 if r["size"] != size:
                     continue
                 stages = ", ".join(f"{s['seconds']:.1f}" for s in r["stages"])
+                attention = "".join(ATTENTION_LETTERS.get(s.get("attention"), "") for s in r["stages"]) or "-"
                 base = one.get(size)
                 speedup = "-" if base is None else f"{base / r['total_seconds']:.2f}x"
                 efficiency = "-" if base is None else f"{base / r['total_seconds'] / rep['gpus']:.0%}"
-                lines.append(f"{size:>6} {rep['gpus']:>4}  {stages:<44} {r['total_seconds']:>7.2f} {speedup:>8} "
-                             f"{efficiency:>6} {max(r['peak_bytes_per_gpu']) / GIB:>7.2f} G")
+                lines.append(f"{size:>6} {rep['gpus']:>4}  {stages:<44} {attention:<9} {r['total_seconds']:>7.2f} "
+                             f"{speedup:>8} {efficiency:>6} {max(r['peak_bytes_per_gpu']) / GIB:>7.2f} G")
+    lines.append("attention of each stage: s softmax, g GSPN")
     return "\n".join(lines)
 
 

@@ -9,6 +9,10 @@
     # the same with SDXL's own softmax self-attention, for the speed ratio
     python examples/generate_16k.py --height 4096 --width 4096 --softmax
 
+    # GSPN in every stage (default: softmax in the base stage, GSPN above), or one per stage
+    python examples/generate_16k.py --height 4096 --width 4096 --stage-attention gspn
+    python examples/generate_16k.py --height 4096 --width 4096 --stage-attention softmax,gspn,gspn
+
     # several sizes with one model build, timings only
     python examples/generate_16k.py --sizes 4096 8192 16384 --no-save-image
 
@@ -61,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--model", help="SDXL pipeline folder or Hub id (default: random full-size SDXL)")
     p.add_argument("--gspn", help="GSPNAdapter folder or Hub id (default: the model's own, else a fresh one)")
     p.add_argument("--softmax", action="store_true", help="keep SDXL's softmax self-attention (no GSPN)")
+    p.add_argument("--stage-attention", type=parse_stage_attention, default=None, metavar="auto|gspn|softmax|A,B,...",
+                   help="self-attention per stage: auto (default: softmax in the base stage, GSPN above), gspn or "
+                        "softmax for every stage, or a comma list of one per stage")
     p.add_argument("--tiny", action="store_true", help="the tiny random test SDXL (CPU smoke runs)")
     p.add_argument("--prompt", default="a lighthouse on a cliff at dawn, waves, gulls, highly detailed photograph")
     p.add_argument("--negative-prompt", default=None)
@@ -139,6 +146,16 @@ def _gib(n) -> str:
     return "-" if n is None else f"{n / GIB:.2f} GiB"
 
 
+def parse_stage_attention(text: str) -> str | list[str] | None:
+    """'auto' -> None; 'gspn' / 'softmax' -> that for every stage; 'softmax,gspn' -> one per stage."""
+    if text == "auto":
+        return None
+    values = text.split(",")
+    if not all(v in ("gspn", "softmax") for v in values):
+        raise argparse.ArgumentTypeError(f"must be auto, gspn, softmax or a comma list of gspn/softmax; got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'4096' -> (4096, 4096); '3000x2000' -> (height 2000, width 3000)."""
     parts = text.split("x")
@@ -156,7 +173,8 @@ def check_plan_inputs(args, sizes, device) -> None:
     for height, width in sizes:
         plan = make_plan(height=height, width=width, base_size=base, vae_scale_factor=8, memory=memory,
                          memory_budget=1 << 62, num_inference_steps=args.steps, cfg=args.guidance_scale > 1,
-                         tile_size=args.tile_size, vae_tile_size=args.vae_tile_size)
+                         tile_size=args.tile_size, vae_tile_size=args.vae_tile_size,
+                         stage_attention=args.stage_attention, gspn_available=not args.softmax)
         if device.type != "cpu" or args.tiny or args.plan_only or args.allow_slow_cpu:
             continue
         passes = sum(s.steps * (2 if plan.cfg else 1) * s.latent_height * s.latent_width for s in plan.stages)
@@ -172,7 +190,8 @@ def generate(pipe, args, height, width, attention, random_weights, out_dir: Path
     device = pipe._execution_device
     budget = None if args.memory_budget_gib is None else int(args.memory_budget_gib * GIB)
     call = dict(height=height, width=width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                tile_size=args.tile_size, vae_tile_size=args.vae_tile_size, memory_budget=budget)
+                tile_size=args.tile_size, vae_tile_size=args.vae_tile_size, memory_budget=budget,
+                stage_attention=args.stage_attention)
     plan = pipe.plan(**call)
     main_process = distributed.is_main_process()
     if main_process:
@@ -195,11 +214,12 @@ def generate(pipe, args, height, width, attention, random_weights, out_dir: Path
         result.images[0].save(image_path, compress_level=1)
         save_seconds = time.perf_counter() - saving
 
-    print(f"\n{'stage':>6}  {'size (WxH)':>11}  {'steps':>5}  {'tiles':>5}  {'CFG':>10}  {'seconds':>8}  {'peak':>10}")
+    print(f"\n{'stage':>6}  {'size (WxH)':>11}  {'steps':>5}  {'attention':>9}  {'tiles':>5}  {'CFG':>10}  "
+          f"{'seconds':>8}  {'peak':>10}")
     for t in result.timings:
         cfg = "" if "cfg_sequential" not in t else ("sequential" if t["cfg_sequential"] else "batched")
         size = f"{t['width']}x{t['height']}"
-        print(f"{t['stage']!s:>6}  {size:>11}  {t.get('steps', ''):>5}  {t['tiles']:>5}  "
+        print(f"{t['stage']!s:>6}  {size:>11}  {t.get('steps', ''):>5}  {t.get('attention', ''):>9}  {t['tiles']:>5}  "
               f"{cfg:>10}  {t['seconds']:>8.2f}  {_gib(t['peak_bytes']):>10}")
     peaks = [t["peak_bytes"] for t in result.timings if t["peak_bytes"] is not None]
     peak = max(peaks) if peaks else None
@@ -213,6 +233,7 @@ def generate(pipe, args, height, width, attention, random_weights, out_dir: Path
         "torch": torch.__version__,
         "dtype": str(pipe.unet.dtype).removeprefix("torch."),
         "attention": attention,
+        "stage_attention": args.stage_attention or "auto",
         "weights": "random (the image is noise; timings are real)" if random_weights else args.model,
         "gspn": args.gspn,
         "height": height,
@@ -268,9 +289,11 @@ def main(argv=None) -> list[dict]:
                                                         if device.type == "cuda" else "")
         + f", {distributed.process()[1]} process(es)")
     if not args.no_warmup and not args.plan_only and device.type == "cuda":
-        say("warm-up: one step at the base size (kernel builds and autotuning stay out of the timings)")
+        say("warm-up: one step at the base size with each attention (kernel builds and autotuning stay out of "
+            "the timings)")
         pipe.set_progress_bar_config(disable=True)
-        pipe(args.prompt, num_inference_steps=1, output_type="latent")
+        for kind in ("softmax",) if args.softmax else ("softmax", "gspn"):
+            pipe(args.prompt, num_inference_steps=1, output_type="latent", stage_attention=kind)
         pipe.set_progress_bar_config(disable=False)
 
     reports = [generate(pipe, args, height, width, attention, random_weights, out_dir) for height, width in sizes]

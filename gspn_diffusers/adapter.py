@@ -36,6 +36,7 @@ class _Mount:
     unet: weakref.ref
     original_processors: dict
     hooks: list
+    options: dict  # mount's keyword arguments, for mounting again the same way
 
 
 class GSPNAdapter(ModelMixin, ConfigMixin):
@@ -172,6 +173,10 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
     def is_mounted(self) -> bool:
         return self._mount is not None
 
+    def is_mounted_on(self, unet: nn.Module) -> bool:
+        """Whether this adapter's processors are mounted on ``unet``."""
+        return self._mount is not None and self._mount.unet() is unet
+
     def uncovered_layers(self, unet: nn.Module) -> list[str]:
         """The ``attn1`` layers of ``unet`` this adapter has no processor for (they would stay softmax)."""
         covered = set(self.config.layers)
@@ -213,12 +218,12 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
         for layer, processor in self.processors_by_layer().items():
             swapped[layer + _PROCESSOR_SUFFIX] = processor
         unet.set_attn_processor(swapped)
-        self._mount = _Mount(weakref.ref(unet), current, hooks)
+        self._mount = _Mount(weakref.ref(unet), current, hooks, {"match_dtype": match_dtype, "partial": partial})
         return self
 
     def unmount(self, unet: nn.Module) -> None:
         """Put back the exact processor objects ``mount`` found and remove the hooks."""
-        if self._mount is None or self._mount.unet() is not unet:
+        if not self.is_mounted_on(unet):
             raise RuntimeError("GSPNAdapter is not mounted on this UNet")
         for hook in self._mount.hooks:
             hook.remove()
@@ -235,3 +240,17 @@ class GSPNAdapter(ModelMixin, ConfigMixin):
             yield self
         finally:
             self.unmount(unet)
+
+    @contextmanager
+    def unmounted(self, unet: nn.Module):
+        """``with adapter.unmounted(unet): ...`` runs the block with the processors ``mount`` found (the
+        teacher's softmax), then mounts again with the same options, also when the block raises.
+        Fused projections and the processors' weights are kept. RuntimeError if not mounted on ``unet``."""
+        if not self.is_mounted_on(unet):
+            raise RuntimeError("GSPNAdapter is not mounted on this UNet")
+        options = self._mount.options
+        self.unmount(unet)
+        try:
+            yield self
+        finally:
+            self.mount(unet, **options)

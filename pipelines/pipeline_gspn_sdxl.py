@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +42,8 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 @dataclass
 class GSPNPipelineOutput(StableDiffusionXLPipelineOutput):
     """``images`` as the SDXL pipeline gives them, plus the ``plan`` followed and ``timings``: one dict
-    per stage (index, size, tiles actually used, seconds, peak bytes, attempts) and one for the decode."""
+    per stage (index, size, attention, tiles actually used, seconds, peak bytes, attempts) and one for
+    the decode."""
 
     plan: Plan | None = None
     timings: list[dict] = field(default_factory=list)
@@ -108,17 +109,19 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         with self._gspn_unmounted():
             return super().unload_ip_adapter()
 
+    def _gspn_mounted(self) -> bool:
+        gspn = getattr(self, "gspn", None)
+        return gspn is not None and gspn.is_mounted_on(self.unet)
+
     @contextmanager
     def _gspn_unmounted(self):
-        gspn = getattr(self, "gspn", None)
-        mounted = gspn is not None and gspn.is_mounted
-        if mounted:
-            gspn.unmount(self.unet)
-        try:
+        """The block runs with the UNet's own processors; a mounted adapter is mounted again after it,
+        as it was (options, fused projections), also when the block raises."""
+        if not self._gspn_mounted():
             yield
-        finally:
-            if mounted:
-                gspn.mount(self.unet)
+            return
+        with self.gspn.unmounted(self.unet):
+            yield
 
     # ------------------------------------------------------------------------------------- planning
 
@@ -155,6 +158,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         vae_tile_size: int | None = None,
         memory_budget: int | None = None,
         num_processes: int | None = None,
+        stage_attention: str | list[str] | None = None,
     ) -> Plan:
         """The plan a call with these arguments would follow; ValueError if it cannot run.
 
@@ -196,6 +200,8 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             tile_size=tile_size,
             vae_tile_size=vae_tile_size,
             num_processes=num_processes,
+            stage_attention=stage_attention,
+            gspn_available=self._gspn_mounted(),
         )
 
     # ------------------------------------------------------------------------------------------ call
@@ -246,6 +252,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         vae_tile_size: int | None = None,
         memory_budget: int | None = None,
         num_processes: int | None = None,
+        stage_attention: str | list[str] | None = None,
     ):
         """Generate images of ``height x width`` (default: the base resolution), progressively above it.
 
@@ -294,8 +301,11 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
           world size, 1 without a process group). Under ``accelerate launch`` / ``torchrun`` every
           process makes the same call on its own device and gets the same images; a single process
           can run a plan made for N (the same result up to float rounding). See docs/multigpu.md.
-        - ``callback_on_step_end(pipe, step, timestep, callback_kwargs)``: called after every step of
-          every stage; ``step`` counts within the stage, ``pipe.stage_index`` says which stage.
+        - ``stage_attention``: the self-attention of each stage: None (default) runs the UNet's own softmax
+          attention in the base stage (the resolution the UNet was trained at, where softmax is also the
+          cheaper one) and the mounted GSPN adapter above; "softmax" or "gspn" for every stage, or a list
+          of one per stage. Without an adapter every stage is softmax. The plan and the timings say which
+          ran where.
 
         Every argument is checked before any work; bad values raise ValueError naming the argument.
         Returns ``GSPNPipelineOutput`` (``images``, ``plan``, ``timings``) or ``(images,)``.
@@ -329,6 +339,7 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, strength=strength,
             stage_steps=stage_steps, upsample_guidance=upsample_guidance, upsample_mode=upsample_mode, tile_size=tile_size,
             vae_tile_size=vae_tile_size, memory_budget=memory_budget, num_processes=num_processes,
+            stage_attention=stage_attention,
         )
         self.check_inputs(
             prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
@@ -399,11 +410,14 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
     # ---------------------------------------------------------------------------------------- stages
 
     def _run_stage(self, stage: StagePlan, plan: Plan, previous, cond, generator, step_kwargs, callback):
-        """Run one stage; on out-of-memory, re-plan it with smaller tiles (``shrink_stage``) and run it
-        again from its start latent. Returns (latents, timing record)."""
+        """Run one stage with its attention; on out-of-memory, re-plan it with smaller tiles
+        (``shrink_stage``) and run it again from its start latent. Returns (latents, timing record).
+        A softmax stage unmounts the GSPN adapter for its length (every process alike: the plan is
+        agreed); it is mounted again after, also when the stage raises."""
         self.stage_index = stage.index
         device = self._execution_device
-        with _measured(device) as record:
+        softmax = stage.attention == "softmax"
+        with _measured(device) as record, self._gspn_unmounted() if softmax else nullcontext():
             timesteps = self._set_stage_timesteps(stage)
             start, guide = self._stage_start(stage, timesteps[0], plan, previous, cond, generator)
             attempts = 1
@@ -428,7 +442,8 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                 timesteps = self._set_stage_timesteps(stage)  # the scheduler starts the stage afresh
         f = self.vae_scale_factor
         record = {"stage": stage.index, "height": stage.height, "width": stage.width, "steps": stage.steps,
-                  "tiles": stage.num_tiles, "tile_size": None if stage.tile is None else (stage.tile[0] * f, stage.tile[1] * f),
+                  "attention": stage.attention, "tiles": stage.num_tiles,
+                  "tile_size": None if stage.tile is None else (stage.tile[0] * f, stage.tile[1] * f),
                   "cfg_sequential": stage.cfg_sequential, "attempts": attempts, **record}
         return latents, record
 

@@ -9,6 +9,11 @@ ratio, then upscale stages, each at most x2 per side (equal factors; exactly x2 
 multiples of the base), the last at exactly the requested size. Every upscale stage re-noises the
 upsampled latent of the stage before to its ``strength`` and denoises it.
 
+Attention of a stage: the teacher's softmax self-attention ("softmax") in the base stage, inside the
+resolution the UNet was trained at, where it is also the cheaper one; the mounted GSPN adapter
+("gspn") in the upscale stages, where softmax's cost grows with the square of the tokens. Without an
+adapter every stage is softmax.
+
 UNet layout of a stage, by preference: the whole latent with both CFG halves in one batch; the whole
 latent with the halves one after the other (``cfg_sequential``); overlapping tiles as large as the
 budget allows, halves one after the other. A forced ``tile_size`` keeps the halves batched when they fit.
@@ -35,6 +40,7 @@ VAE_TILE_PIXELS = 1024
 VAE_CONTEXT_PIXELS = 2048
 VAE_OVERLAP_LATENT = 16
 MIN_VAE_TILE_LATENT = 16
+ATTENTIONS = ("softmax", "gspn")
 
 
 def default_strength(stage_index: int) -> float:
@@ -82,6 +88,8 @@ class StagePlan:
             latent (0 in the base stage).
         grid: the UNet tiles over the latent (latent pixels), or None for the whole latent.
         cfg_sequential: the CFG halves run one after the other instead of as one batch of 2.
+        attention: the UNet's self-attention in this stage, "softmax" (the UNet's own processors) or
+            "gspn" (the mounted adapter's).
         units: the UNet calls of one step; ``owners[k]`` is the process that runs ``units[k]``.
         predicted_bytes: predicted working memory of the stage (per process).
         upsample: for pixel upsampling, the VAE layouts (decode of the previous stage's latent, encode
@@ -99,6 +107,7 @@ class StagePlan:
     upsample_guidance: float
     grid: TileGrid | None
     cfg_sequential: bool
+    attention: str
     units: tuple[Unit, ...]
     owners: tuple[int, ...]
     predicted_bytes: int
@@ -185,7 +194,7 @@ class Plan:
             f"GSPN SDXL plan: {self.width}x{self.height}, {len(self.stages)} stage(s), batch {self.batch}, "
             f"CFG {'on' if self.cfg else 'off'}, budget {_gib(self.memory_budget)} per process, "
             f"{self.num_processes} process(es)",
-            f"{'stage':>5}  {'size (WxH)':>11}  {'strength':>8}  {'steps':>9}  {'guide':>5}  "
+            f"{'stage':>5}  {'size (WxH)':>11}  {'strength':>8}  {'steps':>9}  {'guide':>5}  {'attention':<9}  "
             f"{'UNet layout':<50}  {'tiles':>5}  {'memory':>9}",
         ]
         for s in self.stages:
@@ -196,7 +205,7 @@ class Plan:
             layout += ", CFG " + ("sequential" if s.cfg_sequential else "batched") if self.cfg else ""
             lines.append(
                 f"{s.index:>5}  {f'{s.width}x{s.height}':>11}  {s.strength:>8.2f}  "
-                f"{f'{s.steps}/{s.schedule_steps}':>9}  {s.upsample_guidance:>5.2f}  {layout:<50}  "
+                f"{f'{s.steps}/{s.schedule_steps}':>9}  {s.upsample_guidance:>5.2f}  {s.attention:<9}  {layout:<50}  "
                 f"{s.num_tiles:>5}  {_gib(s.predicted_bytes):>9}"
             )
         d = self.decode
@@ -270,6 +279,33 @@ def _per_upscale(value, count: int, name: str, default) -> list[float]:
     if len(value) != count:
         raise ValueError(f"{name} has {len(value)} values but this size has {count} upscale stage(s)")
     return value
+
+
+def stage_attentions(stage_attention, num_stages: int, gspn_available: bool) -> list[str]:
+    """The attention ("softmax" or "gspn") of each of ``num_stages`` stages.
+
+    ``stage_attention``: None (softmax in the base stage, gspn above; softmax everywhere when
+    ``gspn_available`` is False), one of ``ATTENTIONS`` for every stage, or a list of one per stage.
+    The base stage is softmax even where rounding to the latent alignment puts it a few percent above
+    the base area: it is the stage at the resolution the UNet was trained at. ValueError naming
+    ``stage_attention`` for anything else, and for "gspn" without an adapter.
+    """
+    if stage_attention is None:
+        return ["softmax"] + ["gspn" if gspn_available else "softmax"] * (num_stages - 1)
+    if isinstance(stage_attention, str):
+        values = [stage_attention] * num_stages
+    elif isinstance(stage_attention, (list, tuple)):
+        values = list(stage_attention)
+        if len(values) != num_stages:
+            raise ValueError(f"stage_attention has {len(values)} values but this size has {num_stages} stage(s)")
+    else:
+        values = [stage_attention]
+    if any(not isinstance(v, str) or v not in ATTENTIONS for v in values):
+        raise ValueError(f"stage_attention must be None, one of {ATTENTIONS} or a list of them, one per stage; "
+                         f"got {stage_attention!r}")
+    if "gspn" in values and not gspn_available:
+        raise ValueError("stage_attention asks for 'gspn' but the pipeline has no GSPN adapter mounted")
+    return values
 
 
 def _schedule(num_inference_steps: int, stage_steps, strengths: list[float]) -> list[tuple[int, int]]:
@@ -374,14 +410,14 @@ def _owners(count: int, num_processes: int) -> tuple[int, ...]:
 
 
 def _make_stage(index, size, latent, strength, steps, guide, layout, batch, cfg, num_processes=1,
-                image_split=False) -> StagePlan:
+                image_split=False, *, attention: str) -> StagePlan:
     tile, sequential, predicted = layout
     grid = None if tile is None else _unet_grid(*latent, tile)
     units = _units(batch, cfg, sequential, image_split, None if grid is None else len(grid))
     return StagePlan(
         index=index, height=size[0], width=size[1], latent_height=latent[0], latent_width=latent[1],
         strength=strength, steps=steps[0], schedule_steps=steps[1], upsample_guidance=guide, grid=grid,
-        cfg_sequential=sequential, units=units, owners=_owners(len(units), num_processes),
+        cfg_sequential=sequential, attention=attention, units=units, owners=_owners(len(units), num_processes),
         predicted_bytes=predicted,
     )
 
@@ -404,6 +440,8 @@ def make_plan(
     tile_size: int | None = None,
     vae_tile_size: int | None = None,
     num_processes: int = 1,
+    stage_attention=None,
+    gspn_available: bool = True,
 ) -> Plan:
     """Plan a call; ValueError, before any work, for bad arguments or a size that cannot fit.
 
@@ -412,6 +450,11 @@ def make_plan(
     included). ``tile_size`` / ``vae_tile_size``: pixels, None to choose from the budget.
     ``memory_budget``: bytes of working memory beyond ``memory.resident_bytes``, per process.
     ``num_processes``: processes to spread the work over (see ``_split_stage``).
+    ``stage_attention``: None, "softmax", "gspn" or one per stage (``stage_attentions``);
+    ``gspn_available``: whether a GSPN adapter is mounted. The memory model is the same for both
+    attentions: SDPA's flash and memory-efficient kernels hold no tokens x tokens matrix, and the
+    softmax UNet's peak lies on the attention-free anchors' slope (memory.py). Only SDPA's math
+    fallback (CPU, some dtypes) is quadratic, which a softmax stage far above the base size would feel.
     """
     f = vae_scale_factor
     for name, n in (("height", height), ("width", width)):
@@ -427,6 +470,7 @@ def make_plan(
             raise ValueError(f"{name} must be a multiple of {f} and at least {least * f} pixels; got {n}")
 
     sizes = stage_sizes(height, width, base_size, f)
+    attentions = stage_attentions(stage_attention, len(sizes), gspn_available)
     upscales = len(sizes) - 1
     strengths = [1.0] + _per_upscale(strength, upscales, "strength", default_strength)
     guides = [0.0] + _per_upscale(upsample_guidance, upscales, "upsample_guidance",
@@ -441,7 +485,7 @@ def make_plan(
     vae_tile = None if decode.grid is None else decode.grid.tile_height
 
     stages = []
-    for index, (size, s, steps, guide) in enumerate(zip(sizes, strengths, schedules, guides)):
+    for index, (size, s, steps, guide, attention) in enumerate(zip(sizes, strengths, schedules, guides, attentions)):
         latent = (size[0] // f, size[1] // f)
         tile_latent = None if tile_size is None else tile_size // f
         layout = _stage_layout(*latent, batch, cfg, memory, memory_budget, tile_latent)
@@ -452,7 +496,7 @@ def make_plan(
                 + "; pass a smaller tile_size, a smaller size or free memory"
             )
         stage = _split_stage(index, size, latent, s, steps, guide, layout, batch, cfg, memory, memory_budget,
-                             num_processes, forced_tile=tile_size is not None)
+                             num_processes, forced_tile=tile_size is not None, attention=attention)
         if upsample_mode == "pixel" and index > 0:
             previous = stages[-1]
             stage = replace(stage, upsample=(
@@ -466,7 +510,7 @@ def make_plan(
 
 
 def _split_stage(index, size, latent, strength, steps, guide, layout, batch, cfg, memory, budget, num_processes,
-                 forced_tile=False) -> StagePlan:
+                 forced_tile=False, *, attention: str) -> StagePlan:
     """The stage with its units spread over ``num_processes``; one process: the layout as it is.
 
     Several processes: of the layouts that need no more memory than the one-process layout (tiles no
@@ -478,7 +522,7 @@ def _split_stage(index, size, latent, strength, steps, guide, layout, batch, cfg
     in only when halves and images run out. The base stage is never split into tiles: it makes the
     composition, which needs the whole image.
     """
-    chosen = _make_stage(index, size, latent, strength, steps, guide, layout, batch, cfg)
+    chosen = _make_stage(index, size, latent, strength, steps, guide, layout, batch, cfg, attention=attention)
     if num_processes == 1:
         return chosen
     tile0, _, limit = layout
@@ -498,7 +542,8 @@ def _split_stage(index, size, latent, strength, steps, guide, layout, batch, cfg
                 key = (math.ceil(units / num_processes) * unit_batch * tile_pixels, count, units)
                 if best is None or key < best[0]:
                     best = (key, (tile, sequential, need), image_split)
-    return _make_stage(index, size, latent, strength, steps, guide, best[1], batch, cfg, num_processes, best[2])
+    return _make_stage(index, size, latent, strength, steps, guide, best[1], batch, cfg, num_processes, best[2],
+                       attention=attention)
 
 
 def _tile_options(latent: tuple[int, int], largest: tuple[int, int] | None) -> list:
@@ -594,4 +639,4 @@ def shrink_stage(plan: Plan, stage: StagePlan) -> StagePlan:
     predicted = plan.memory.stage_bytes(latent[0] * latent[1], tile[0] * tile[1], unet_batch, plan.batch)
     return _make_stage(stage.index, (stage.height, stage.width), latent, stage.strength,
                        (stage.steps, stage.schedule_steps), stage.upsample_guidance, (tile, sequential, predicted),
-                       plan.batch, plan.cfg)
+                       plan.batch, plan.cfg, attention=stage.attention)

@@ -229,3 +229,27 @@ def test_an_adapter_for_fewer_transformer_layers_is_refused_unless_partial(unet,
         assert all(processors[layer + ".processor"] is before[layer + ".processor"] for layer in uncovered)
         assert torch.isfinite(run(unet)).all()
     assert unet.attn_processors == before
+
+
+def test_unmounted_runs_the_teacher_then_mounts_again_as_it_was(tiny_sdxl_path):
+    unet = load_unet(tiny_sdxl_path)
+    teacher = run(unet)
+    config = dict(tiny_unet_config(), transformer_layers_per_block=(1, 1, 1))
+    smaller = GSPNAdapter.for_unet(UNet2DConditionModel(**config)).double()  # needs partial=True on this UNet
+    smaller.fuse_projections()
+    smaller.mount(unet, match_dtype=False, partial=True)
+    mounted = dict(unet.attn_processors)
+    with smaller.unmounted(unet):
+        assert not smaller.is_mounted and not smaller.is_mounted_on(unet)
+        assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+        assert torch.equal(run(unet), teacher)
+    assert smaller.is_mounted_on(unet) and unet.attn_processors == mounted
+    assert smaller.dtype == torch.float64  # match_dtype=False again (True would cast to the UNet's float32)
+    assert all(p.projections_fused for p in smaller.processors)
+
+    with pytest.raises(KeyError), smaller.unmounted(unet):
+        raise KeyError("inside")
+    assert smaller.is_mounted_on(unet) and unet.attn_processors == mounted
+    smaller.unmount(unet)
+    with pytest.raises(RuntimeError, match="not mounted"), smaller.unmounted(unet):
+        pass

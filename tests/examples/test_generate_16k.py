@@ -26,6 +26,8 @@ def test_tiny_run_writes_the_image_and_per_stage_timings(generate_16k, tmp_path,
     assert [s["stage"] for s in written["stages"]] == [0, 1, "decode"]
     assert all(s["seconds"] > 0 for s in written["stages"]) and written["total_seconds"] > 0
     assert written["attention"] == "gspn" and written["weights"].startswith("random")
+    assert [s.get("attention") for s in written["stages"]] == ["softmax", "gspn", None]  # auto
+    assert written["stage_attention"] == "auto"
     assert PIL.Image.open(tmp_path / "gspn_384x512.png").size == (384, 512)
     assert "The image is NOISE" in capsys.readouterr().out
 
@@ -36,6 +38,17 @@ def test_softmax_plan_only_for_several_sizes(generate_16k, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "softmax attention" in out and "1024x1024" in out and "768x512" in out
     assert not list(tmp_path.iterdir())
+
+
+def test_stage_attention_per_stage_reaches_the_plan_the_json_and_the_table(generate_16k, tmp_path, capsys):
+    (report,) = generate_16k.main(["--tiny", "--height", "512", "--width", "384", "--steps", "2", "--no-save-image",
+                                   "--stage-attention", "gspn,softmax", "--out", str(tmp_path)])
+    assert [s.get("attention") for s in report["stages"]] == ["gspn", "softmax", None]
+    assert report["stage_attention"] == ["gspn", "softmax"]
+    out = capsys.readouterr().out
+    table = out[out.index("attention  tiles"):].splitlines()
+    assert table[1].split()[:4] == ["0", "224x288", "2", "gspn"] and table[2].split()[:4] == ["1", "384x512", "1",
+                                                                                             "softmax"]
 
 
 def test_several_sizes_without_images(generate_16k, tmp_path):
@@ -50,6 +63,9 @@ def test_several_sizes_without_images(generate_16k, tmp_path):
     (["--tiny", "--sizes", "3000x2000x1"], "size must be N or WxH"),
     (["--model", "/nonexistent", "--device", "cpu", "--allow-slow-cpu"], "--model /nonexistent"),
     (["--tiny", "--steps", "0"], "--steps must be at least 1"),
+    (["--tiny", "--stage-attention", "flash"], "must be auto, gspn, softmax or a comma list"),
+    (["--tiny", "--softmax", "--stage-attention", "gspn"], "no GSPN adapter"),
+    (["--tiny", "--height", "512", "--stage-attention", "gspn,gspn,gspn"], "stage_attention has 3 values"),
 ])
 def test_user_errors_are_one_line_without_traceback(generate_16k, tmp_path, capsys, argv, message):
     try:

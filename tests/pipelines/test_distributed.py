@@ -1,5 +1,6 @@
 """Two CPU processes (gloo, `accelerate launch`) run a plan's units and get the one-process result of
-that plan: the guidance split, the tile split, the VAE decode and encode split, the image split."""
+that plan: the guidance split, the tile split, the VAE decode and encode split, the image split, and a
+softmax base stage before a GSPN stage in tiles."""
 
 from __future__ import annotations
 
@@ -36,10 +37,18 @@ def plan_lines(text: str, prefix: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip().startswith(prefix)]
 
 
-@pytest.mark.parametrize("name", list(distributed_worker.CASES))
-def test_two_processes_give_the_one_process_result_of_the_same_plan(two_processes, pipe, name):
+@pytest.fixture(scope="module")
+def gspn_pipe(tiny_sdxl_path):
+    pipe = distributed_worker.with_adapter(str(tiny_sdxl_path))
+    yield pipe
+    pipe.gspn.unmount(pipe.unet)
+
+
+@pytest.mark.parametrize("name", list(distributed_worker.CASES) + list(distributed_worker.GSPN_CASES))
+def test_two_processes_give_the_one_process_result_of_the_same_plan(two_processes, request, name):
     results, _ = two_processes
     two, two_plan = results[name]
+    pipe = request.getfixturevalue("gspn_pipe" if name in distributed_worker.GSPN_CASES else "pipe")
     one, one_plan = distributed_worker.run(pipe, name, num_processes=2)
     assert str(one_plan) == two_plan
     assert two.shape == one.shape
@@ -59,6 +68,9 @@ def test_each_case_splits_as_planned(two_processes):
     assert "process 0: stage 0: all; stage 1: tile 0" in tiles and "process 1: stage 0: idle; stage 1: tile 1" in tiles
     images = results["images"][1]
     assert "process 0: stage 0: image 0" in images and "process 1: stage 0: image 1" in images
+    attention = results["stage_attention"][1]
+    assert [line.split()[5] for line in attention.splitlines()[2:4]] == ["softmax", "gspn"]
+    assert "process 0: stage 0: all; stage 1: tile 0" in attention
     # the plan is printed by the main process only
     assert result.stdout.count("GSPN SDXL plan") == len(results)
 

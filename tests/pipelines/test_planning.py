@@ -199,3 +199,57 @@ def test_a_single_process_runs_every_unit_of_a_plan_for_several():
     assert sum(len(stage.units_of(r, 4)) for r in range(4)) == len(stage.units)
     with pytest.raises(ValueError, match="num_processes"):
         plan(1024, 1024, H200, num_processes=0)
+
+
+def test_auto_attention_is_softmax_in_the_base_stage_and_gspn_above():
+    assert [s.attention for s in plan(16384, 16384, H200).stages] == ["softmax"] + ["gspn"] * 4
+    assert [s.attention for s in plan(16384, 16384, H200, num_processes=8).stages] == ["softmax"] + ["gspn"] * 4
+    for height, width in ((1024, 1024), (768, 1344), (512, 512)):  # one stage, at or below the base area
+        assert [s.attention for s in plan(height, width, H200).stages] == ["softmax"]
+    # rounding to the latent alignment puts this base stage 2% above the base area: still softmax
+    base = plan(1032, 1288, H200).stages[0]
+    assert base.height * base.width > 1024**2 and base.attention == "softmax"
+    # without an adapter, softmax everywhere
+    assert [s.attention for s in plan(4096, 4096, H200, gspn_available=False).stages] == ["softmax"] * 3
+
+
+def test_stage_attention_overrides_every_stage_or_each_one():
+    assert [s.attention for s in plan(4096, 4096, H200, stage_attention="gspn").stages] == ["gspn"] * 3
+    assert [s.attention for s in plan(4096, 4096, H200, stage_attention="softmax").stages] == ["softmax"] * 3
+    chosen = ["gspn", "softmax", "gspn"]
+    assert [s.attention for s in plan(4096, 4096, H200, stage_attention=chosen).stages] == chosen
+    assert [s.attention for s in plan(4096, 4096, H200, stage_attention=tuple(chosen)).stages] == chosen
+    assert [s.attention for s in plan(4096, 4096, H200, stage_attention="softmax",
+                                      gspn_available=False).stages] == ["softmax"] * 3
+
+
+@pytest.mark.parametrize("value,match", [
+    (["softmax", "gspn"], "stage_attention has 2 values but this size has 3 stage"),
+    ("flash", "stage_attention must be"),
+    (["softmax", "gspn", "GSPN"], "stage_attention must be"),
+    (1, "stage_attention must be"),
+    (["softmax", None, "gspn"], "stage_attention must be"),
+])
+def test_bad_stage_attention_is_refused(value, match):
+    with pytest.raises(ValueError, match=match):
+        plan(4096, 4096, 65, stage_attention=value)
+
+
+def test_gspn_without_an_adapter_is_refused():
+    for value in ("gspn", ["softmax", "softmax", "gspn"]):
+        with pytest.raises(ValueError, match="stage_attention asks for 'gspn' but .* no GSPN adapter"):
+            plan(4096, 4096, 65, stage_attention=value, gspn_available=False)
+
+
+def test_the_printed_plan_names_each_stages_attention():
+    lines = str(plan(4096, 4096, 65, stage_attention=["gspn", "softmax", "gspn"])).splitlines()
+    column = lines[1].index("attention")
+    rows = lines[2:5]
+    assert [row.split()[0] for row in rows] == ["0", "1", "2"]
+    assert [row[column:column + len("attention")].strip() for row in rows] == ["gspn", "softmax", "gspn"]
+
+
+def test_shrinking_keeps_the_stages_attention():
+    p = plan(2048, 2048, 65, stage_attention=["gspn", "softmax"])
+    assert shrink_stage(p, p.stages[1]).attention == "softmax"
+    assert shrink_stage(p, p.stages[0]).attention == "gspn"
