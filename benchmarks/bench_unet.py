@@ -3,20 +3,26 @@
     python benchmarks/bench_unet.py                      # full SDXL UNet, float16, CUDA, 1K-8K
     python benchmarks/bench_unet.py --sizes 4096 8192    # some sizes (pixels; WxH for non-square)
     python benchmarks/bench_unet.py --tiny               # CPU smoke run of the same code, tiny UNet
+    python benchmarks/bench_unet.py --sizes 1024 2048 --variants softmax softmax-graph gspn-fused gspn-fused-graph
 
 Random weights (the SDXL base config shipped in gspn_diffusers/configs), CFG batch 2, one UNet forward
-per sample under ``torch.inference_mode``. Four variants per size, one model:
+per sample under ``torch.inference_mode``. Variants, one model (the first four by default):
 
     softmax     diffusers' default self-attention processor (SDPA)
     gspn        GSPNAdapter.for_unet(unet) mounted (gspn_propagate, backend "auto")
     gspn-fused  the same after adapter.fuse_projections(): up folded into each layer's to_out[0]
     floor       every attn1 returns zeros: the rest of the UNet alone, the floor any replacement of
                 self-attention can reach
+    NAME-graph  (CUDA) variant NAME replayed from a CUDA graph, as the pipeline runs host-bound sizes
+                (pipelines/cuda_graphs.py's GraphedCalls): the warm-up call captures the forward, every
+                timed call copies the inputs in, replays, and clones the output; ratios are to floor-graph
+                when it is measured
 
 Times are medians (CUDA events on GPU) after one warm-up call; the number of timed calls adapts to
 ``--budget-s`` so that the slow cells (softmax at 8K is ~16 s a call) stay few. Peak memory is
-``torch.cuda.max_memory_allocated`` over the timed calls, weights included. A cell that runs out of
-memory prints OOM. ``host`` is the wall-clock time the call takes to return (to enqueue its kernels) in
+``torch.cuda.max_memory_allocated`` over the warm-up and timed calls (a graph's memory is allocated
+when it is captured, in the warm-up), weights included. A cell that runs out of memory prints OOM.
+``host`` is the wall-clock time the call takes to return (to enqueue its kernels, or its replay) in
 the median call: when it is close to the GPU time, the forward is bound by the host, not the GPU.
 """
 
@@ -26,16 +32,19 @@ import argparse
 import gc
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from diffusers import UNet2DConditionModel
 
 from gspn_diffusers import GSPNAdapter, gspn_propagate
 from gspn_diffusers.adapter import self_attention_layers
+from gspn_diffusers.pipelines.cuda_graphs import GraphedCalls
 from gspn_diffusers.testing import sdxl_config, tiny_unet_config
 
-VARIANTS = ("softmax", "gspn", "gspn-fused", "floor")
+DEFAULT_VARIANTS = ("softmax", "gspn", "gspn-fused", "floor")
+GRAPH_SUFFIX = "-graph"
+VARIANTS = DEFAULT_VARIANTS + tuple(v + GRAPH_SUFFIX for v in DEFAULT_VARIANTS)
 FULL_SIZES = ("1024", "2048", "4096", "8192")
 TINY_SIZES = ("256", "384x256")
 TEXT_TOKENS = 77
@@ -119,10 +128,10 @@ def elapsed_ms(fn, device: torch.device) -> tuple[float, float]:
 
 def measure(fn, device: torch.device, budget_s: float, max_repeats: int) -> tuple[float, float, float | None, int]:
     """(median ms, host ms of that call, peak GiB or None off CUDA, timed calls) after one warm-up call."""
-    warmup, _ = elapsed_ms(fn, device)
-    repeats = max(1, min(max_repeats, int(budget_s * 1e3 / max(warmup, 1e-3))))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    warmup, _ = elapsed_ms(fn, device)
+    repeats = max(1, min(max_repeats, int(budget_s * 1e3 / max(warmup, 1e-3))))
     samples = sorted(elapsed_ms(fn, device) for _ in range(repeats))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     ms, host = samples[(len(samples) - 1) // 2]
@@ -136,9 +145,11 @@ def free_memory(device: torch.device) -> None:
 
 
 def run_cell(unet, adapter, name, inputs, device, args) -> dict:
+    graphed = name.endswith(GRAPH_SUFFIX)
     try:
-        with variant(name, unet, adapter):
-            ms, host, peak, repeats = measure(lambda: unet(**inputs), device, args.budget_s, args.max_repeats)
+        with variant(name.removesuffix(GRAPH_SUFFIX), unet, adapter), \
+                (GraphedCalls(lambda **kw: unet(**kw).sample) if graphed else nullcontext(unet)) as forward:
+            ms, host, peak, repeats = measure(lambda: forward(**inputs), device, args.budget_s, args.max_repeats)
         return dict(ms=ms, host_ms=host, peak_gib=peak, repeats=repeats)
     except torch.OutOfMemoryError:
         return dict(oom=True)
@@ -171,17 +182,25 @@ def format_host(cell: dict | None) -> str:
     return f"{cell['host_ms']:.1f}"
 
 
-def print_line(label: str, times: list[str], hosts: list[str], peaks: list[str]) -> None:
-    columns = [f"{label:>11}", *(f"{t:>20}" for t in times), " ".join(f"{h:>16}" for h in hosts),
-               " ".join(f"{p:>16}" for p in peaks)]
+def print_line(label: str, times: list[str], hosts: list[str], peaks: list[str], variants) -> None:
+    width = max(16, *(len(f"peak {v}") for v in variants))
+    columns = [f"{label:>11}", *(f"{t:>20}" for t in times), " ".join(f"{h:>{width}}" for h in hosts),
+               " ".join(f"{p:>{width}}" for p in peaks)]
     print(" | ".join(columns), flush=True)
 
 
-def print_row(size, cells: dict, variants) -> None:
+def floor_of(name: str, cells: dict) -> dict | None:
+    """The cell ``name``'s time is compared to: floor-graph for graph variants when measured, else floor."""
     floor = cells.get("floor")
-    times = [format_cell(cells.get(v), None if v == "floor" else floor) for v in variants]
+    if name.endswith(GRAPH_SUFFIX):
+        floor = cells.get("floor" + GRAPH_SUFFIX, floor)
+    return None if name.startswith("floor") else floor
+
+
+def print_row(size, cells: dict, variants) -> None:
+    times = [format_cell(cells.get(v), floor_of(v, cells)) for v in variants]
     print_line(f"{size[1]}x{size[0]}", times, [format_host(cells.get(v)) for v in variants],
-               [format_peak(cells.get(v)) for v in variants])
+               [format_peak(cells.get(v)) for v in variants], variants)
 
 
 def load_gspn_backend(device, dtype) -> float:
@@ -212,7 +231,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny UNet on CPU, float32 (a smoke run)")
     parser.add_argument("--sizes", nargs="+", type=parse_size, help="image sizes in pixels: 4096 or WxH")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
     parser.add_argument("--batch", type=int, default=2, help="2 = classifier-free guidance")
     parser.add_argument("--proxy-ratio", type=int, default=8)
     parser.add_argument("--gate-groups", type=int, default=1)
@@ -227,6 +246,8 @@ def main(argv=None) -> None:
         device, dtype = torch.device("cuda"), torch.float16
     else:
         sys.exit("bench_unet.py needs a CUDA GPU for the full UNet; use --tiny for a CPU smoke run")
+    if device.type != "cuda" and any(v.endswith(GRAPH_SUFFIX) for v in args.variants):
+        parser.error("the -graph variants replay CUDA graphs: they need a CUDA GPU")
     sizes = args.sizes or [parse_size(s) for s in (TINY_SIZES if args.tiny else FULL_SIZES)]
 
     torch.manual_seed(0)
@@ -240,7 +261,8 @@ def main(argv=None) -> None:
     print(f"gspn_propagate backend ready in {load_gspn_backend(device, dtype):.1f} s")
     print("time: median of a UNet forward (ratio to floor); host: ms until that call returned (enqueued); "
           "peak: GiB allocated, weights included")
-    print_line("size", args.variants, [f"host {v}" for v in args.variants], [f"peak {v}" for v in args.variants])
+    print_line("size", args.variants, [f"host {v}" for v in args.variants], [f"peak {v}" for v in args.variants],
+               args.variants)
     with torch.inference_mode():
         for size in sizes:
             inputs = unet_inputs(config, args.batch, size, device, dtype)

@@ -25,6 +25,7 @@ from torch import nn
 
 from . import arguments, distributed
 from .conditioning import Conditioning, encode, negative_size_conditioning
+from .cuda_graphs import GraphedCalls, eager_reason, has_offload_hooks
 from .memory import MemoryModel, available_bytes, resident_bytes
 from .planning import DEFAULT_NUM_INFERENCE_STEPS, Plan, StagePlan, Unit, VaePlan, make_plan, shrink_stage
 from .schedule import custom_schedule_steps, cut_at_denoising_end, set_schedule
@@ -57,6 +58,11 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
     ``from_pretrained(sdxl_folder_or_hub_id, gspn=GSPNAdapter.from_pretrained(...))`` loads a stock
     SDXL checkpoint with GSPN; ``save_pretrained`` writes the adapter as the ``gspn`` subfolder (the
     UNet is saved without it) and ``from_pretrained`` of that folder mounts it again.
+
+    ``pipe.cuda_graphs`` (default True): UNet calls on CUDA of latents up to 256x256 (images up to 2048^2),
+    whose host enqueue bounds them, are replayed from CUDA graphs, captured at the first call of each
+    shape in a stage and released at its end (``cuda_graphs.py``); calls with ``cross_attention_kwargs``
+    or IP-Adapter embeddings, and UNets with offload hooks, run eagerly. False runs every call eagerly.
     """
 
     _optional_components = StableDiffusionXLPipeline._optional_components + ["gspn"]
@@ -90,6 +96,8 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         self.num_stages: int | None = None
         self._custom_schedule: dict = {}
         self._denoising_end = None
+        self.cuda_graphs = True
+        self._graphed_unet: GraphedCalls | None = None
 
     # ----------------------------------------------------------------------------------- save / load
 
@@ -423,7 +431,8 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             attempts = 1
             while True:
                 try:
-                    latents = self._denoise(stage, plan, timesteps, start, guide, cond, step_kwargs, callback)
+                    with self._unet_graphs():
+                        latents = self._denoise(stage, plan, timesteps, start, guide, cond, step_kwargs, callback)
                     break
                 except torch.OutOfMemoryError as error:
                     if self._process()[1] > 1:  # the other processes wait in a collective: no re-plan
@@ -569,11 +578,35 @@ class GSPNStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             self._progress_bar_config = {**getattr(self, "_progress_bar_config", {}), "disable": True}
         return super().progress_bar(iterable=iterable, total=total)
 
+    @contextmanager
+    def _unet_graphs(self):
+        """UNet calls replayed from CUDA graphs (when ``cuda_graphs`` and, per call, ``eager_reason`` allow)
+        for the duration of the block: one stage attempt. Its graphs and their memory go at the end."""
+        if not self.cuda_graphs or has_offload_hooks(self.unet):
+            yield
+            return
+        with GraphedCalls(self._unet_forward) as graphed:
+            self._graphed_unet = graphed
+            try:
+                yield
+            finally:
+                self._graphed_unet = None
+
     def _unet(self, x, t, cond: Conditioning) -> torch.Tensor:
+        """(B, c, h, w) noise prediction of the UNet for ``x`` at timestep ``t``."""
+        kwargs = dict(sample=x, timestep=t, encoder_hidden_states=cond.prompt_embeds,
+                      timestep_cond=cond.timestep_cond, added_cond_kwargs=cond.added_cond_kwargs())
+        graphed = self._graphed_unet
+        if graphed is not None and eager_reason(x, t, cross_attention_kwargs=self.cross_attention_kwargs,
+                                                image_embeds=cond.image_embeds) is None:
+            return graphed(**kwargs)
+        return self._unet_forward(**kwargs, cross_attention_kwargs=self.cross_attention_kwargs)
+
+    def _unet_forward(self, *, sample, timestep, encoder_hidden_states, timestep_cond, added_cond_kwargs,
+                      cross_attention_kwargs=None) -> torch.Tensor:
         return self.unet(
-            x, t, encoder_hidden_states=cond.prompt_embeds, timestep_cond=cond.timestep_cond,
-            cross_attention_kwargs=self.cross_attention_kwargs,
-            added_cond_kwargs=cond.added_cond_kwargs(), return_dict=False,
+            sample, timestep, encoder_hidden_states=encoder_hidden_states, timestep_cond=timestep_cond,
+            cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs, return_dict=False,
         )[0]
 
     # ---------------------------------------------------------------------------------- conditioning
