@@ -2,6 +2,8 @@
 range; bfloat16: within its rounding), keeps the memory format it promises, and leaves the VAE as it found
 it."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -200,3 +202,46 @@ def test_tuning_rejects_an_unknown_attention_and_channels_last_alone():
         Tuning(context_attention="flash")
     with pytest.raises(ValueError, match="affine_norm"):
         Tuning(channels_last=True)
+
+
+def _on(device, vae, dtype=torch.float32):
+    moved = copy.deepcopy(vae)
+    torch.nn.Module.to(moved, device=device, dtype=dtype)
+    return moved
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_channels_last_reaches_every_convolution(vae, latents, tuning, device):
+    """No op on the way (upsampling, attention, residual adds, the norms) falls back to NCHW."""
+    moved = _on(device, vae)
+    layouts = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: layouts.append(args[0].is_contiguous(
+        memory_format=torch.channels_last))) for m in moved.modules() if isinstance(m, torch.nn.Conv2d)]
+    tuning(channels_last=True, affine_norm=True, context_attention="matmul")
+    decode_tiled(moved, latents.to(device), vae_grid(LATENT, LATENT, TILE), LATENT // 2)
+    decode_tiled(moved, latents.to(device), None, LATENT)
+    for hook in hooks:
+        hook.remove()
+    convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in moved.decoder.modules()) + 1  # + post_quant_conv
+    assert len(layouts) == convolutions * (1 + 9 + 1) and all(layouts)
+
+
+@torch.no_grad()
+@pytest.mark.cuda
+@pytest.mark.parametrize("settings", [dict(affine_norm=True), dict(affine_norm=True, channels_last=True),
+                                      dict(affine_norm=True, channels_last=True, cudnn_benchmark=True,
+                                           context_attention="matmul"), dict(context_attention="sdpa")])
+def test_bfloat16_tuned_decode_on_cuda_is_within_the_default_rounding(vae, latents, tuning, settings):
+    """Against the float32 decode, a tuned bfloat16 decode is as close as the default bfloat16 one."""
+    grid = vae_grid(LATENT, LATENT, TILE)
+    z = latents.cuda()
+    tuning()
+    exact = decode_tiled(_on("cuda", vae), z, grid, LATENT // 2)
+    half = _on("cuda", vae, torch.bfloat16)
+    default = decode_tiled(half, z.bfloat16(), grid, LATENT // 2)
+    tuning(**settings)
+    tuned = decode_tiled(half, z.bfloat16(), grid, LATENT // 2)
+    rounding = (default - exact).abs()
+    assert (tuned - exact).abs().mean() < 1.5 * rounding.mean()
+    assert (tuned - exact).abs().max() < 2 * rounding.max()
