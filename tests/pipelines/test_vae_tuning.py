@@ -100,6 +100,18 @@ def test_affine_normalise_uses_the_context_statistics_not_the_input(tuning):
     torch.testing.assert_close(whole.normalise(0, norm, x), expected.detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_affine_follows_statistics_replaced_as_share_context_does(tuning):
+    """The per-tile scale and shift are kept, but made again when the statistics are new tensors."""
+    norm = _norm()
+    x, other = torch.randn(1, 32, 6, 6), torch.randn(1, 32, 6, 6) * 3 + 1
+    whole = _recorded(norm, x)
+    tuning(affine_norm=True)
+    torch.testing.assert_close(whole.normalise(0, norm, x), whole.normalise(0, norm, x), atol=0, rtol=0)
+    whole.statistics = dict(_recorded(norm, other).statistics)
+    torch.testing.assert_close(whole.normalise(0, norm, x), _recorded(norm, other).normalise(0, norm, x),
+                               atol=0, rtol=0)
+
+
 def test_channels_last_statistics_and_normalise_keep_the_layout(tuning):
     norm = _norm()
     x = torch.randn(2, 32, 6, 10) * 2 + 1
