@@ -54,9 +54,9 @@ class Tuning:
         layer's own processor with the tokens as ``encoder_hidden_states`` (keys and values projected
         again for every tile); "sdpa": keys and values projected once per decode, then
         ``F.scaled_dot_product_attention``; "matmul": the same keys and values, attention as two batched
-        matmuls with float32 scores and softmax, in chunks of queries (attention kernels are slow at the
-        VAE's single 512-wide head). Layers with a processor other than diffusers' default ones (or
-        with a spatial, q/k or cross norm) always use "processor".
+        matmuls with float32 scores and softmax, in chunks of queries (SDPA's flash kernels take heads
+        of at most 256; the VAE has one head of 512). Layers with a processor other than diffusers'
+        default ones (or with a spatial, q/k or cross norm, or unscaled scores) always use "processor".
     """
 
     affine_norm: bool = False
@@ -125,7 +125,7 @@ class _ContextAttention:
         """Whether ``_attend`` computes what the wrapped processor would."""
         return (type(self.processor) in (AttnProcessor, AttnProcessor2_0) and hidden_states.ndim == 4
                 and attention_mask is None and not kwargs and attn.spatial_norm is None and attn.norm_q is None
-                and attn.norm_k is None and attn.norm_cross is None)
+                and attn.norm_k is None and attn.norm_cross is None and attn.scale_qk)
 
 
 def _attend(attn: Attention, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -12,10 +12,13 @@ def test_vae_benchmark_smoke_runs_on_cpu(tmp_path, capsys):
                    "--plain-repeats", "1", "--out", str(out)])
     results = json.loads(out.read_text())
     small = {c["variant"]: c for c in results["tiled"] if c["size"] == 192}
-    same_tiles = ["current", "channels-last", "channels-last+sdpa", "channels-last+matmul"]
-    larger = sorted(name for name in small if ", tile " in name)  # the fastest of those, with larger tiles
-    assert set(small) == {*same_tiles, *larger, "untiled"} and [n.split(", ")[1] for n in larger] == ["tile 192",
-                                                                                                     "tile 256"]
+    # which variants the attention and tile ones build on depends on the times: only their suffixes are fixed
+    attention = sorted(name for name in small if name.endswith(("+sdpa", "+matmul")))
+    larger = sorted(name for name in small if ", tile " in name)
+    same_tiles = ["current", "channels-last", *attention]
+    assert [n.rsplit("+", 1)[1] for n in attention] == ["matmul", "sdpa"]
+    assert [n.split(", ")[1] for n in larger] == ["tile 192", "tile 256"]
+    assert set(small) == {*same_tiles, *larger, "untiled"}
     # same tiles, float32: the tuned decodes are the current one up to rounding; other tiles are not
     for name in same_tiles[1:]:
         assert small[name]["tiles"] == 4 and small[name]["max_diff"] < 1e-4, small[name]
