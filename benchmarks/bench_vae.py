@@ -22,11 +22,11 @@ Each variant: (a) one plain decoder call (no tiling) on a 128^2 and a 256^2 late
 the 2048 px context pass), (b) the tiled decode (``decode_tiled``, grid ``planning.vae_grid``, context
 ``planning.VAE_CONTEXT_PIXELS``) at each size. Times are CUDA events after one warm-up call (the warm-up's
 own time is reported too: it includes cuDNN's algorithm search). Peak: GiB allocated during the call
-beyond what was allocated before it (the weights, kept images), the output image included. The largest size (16K, ~25 s with the
-current decode) runs once, for ``current`` and the ``--top`` variants with the lowest predicted time there
-(context pass plus the tiles, each at its 4K rate). "vs current": max and mean |difference| of the float32
-image from ``current``'s at that size; the row ``untiled`` is one decode of the whole 4K latent without
-tiles, against ``current``: the error tiling itself makes, for scale.
+beyond what was allocated before it (the weights, kept images), the output image included. The largest
+size (16K, ~25 s with the current decode) runs once, for ``current`` and the ``--top`` variants with the
+lowest predicted time there (context pass plus the tiles, each at its 4K rate). "diff": max and mean
+|difference| of the float32 image from ``current``'s at that size; the row ``untiled`` is one decode of
+the whole 4K latent without tiles, against ``current``: the error tiling itself makes, for scale.
 
 Also: the tiles' attention alone (16384 queries of a 1024 px tile against the 65536 tokens of the 2048 px
 context, one 512-wide head) per SDPA backend and as float32-score matmuls, with the error against float64 on
