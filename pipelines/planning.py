@@ -33,10 +33,11 @@ DEFAULT_UPSAMPLE_GUIDANCE = 0.5
 # latent twice, so tiles then share the down-sampling phase of the whole latent.
 LATENT_ALIGN = 4
 MIN_TILE_LATENT = 16
-# VAE tiles: 1024 pixels is the fastest per pixel of the anchors' decodes (91 ms per 1024^2 against
-# 425 ms per 2048^2); tiles overlap by 16 latent pixels, 4 of them weightless margin. The context pass
-# decodes the whole latent downscaled to at most 2048 pixels a side (425 ms, 9.7 GiB in float16).
-VAE_TILE_PIXELS = 1024
+# VAE tiles of at most 2048 pixels: the decode costs the same per pixel in 1536 and 2048 px tiles (H200,
+# benchmarks/bench_vae.py: 38 ns a pixel), and larger tiles decode less overlap. Tiles overlap by 16 latent
+# pixels, 4 of them weightless margin. The context pass decodes the whole latent downscaled to at most
+# 2048 pixels a side.
+VAE_TILE_PIXELS = 2048
 VAE_CONTEXT_PIXELS = 2048
 VAE_OVERLAP_LATENT = 16
 MIN_VAE_TILE_LATENT = 16
@@ -340,11 +341,21 @@ def _unet_grid(latent_h: int, latent_w: int, tile: tuple[int, int]) -> TileGrid:
 
 
 def vae_grid(latent_h: int, latent_w: int, tile: int | None) -> TileGrid | None:
-    """The VAE's tiles of ``tile`` latent pixels over a latent, or None to run on it whole."""
+    """The VAE's tiles of at most ``tile`` latent pixels a side over a latent, or None to run on it whole."""
     if tile is None or tile >= max(latent_h, latent_w):
         return None
     overlap = _vae_overlap(tile)
-    return TileGrid(latent_h, latent_w, tile, overlap=overlap, margin=overlap // 4)
+    tiles = (_fewest_tiles(latent_h, tile, overlap), _fewest_tiles(latent_w, tile, overlap))
+    return TileGrid(latent_h, latent_w, tiles, overlap=overlap, margin=overlap // 4)
+
+
+def _fewest_tiles(length: int, largest: int, overlap: int) -> int:
+    """The smallest tile covering ``length`` in as few tiles of at most ``largest`` as possible, neighbours
+    sharing ``overlap``: the tiles decode as few pixels twice as the count allows."""
+    if largest >= length:
+        return length
+    count = math.ceil((length - overlap) / (largest - overlap))
+    return math.ceil((length + (count - 1) * overlap) / count)
 
 
 def _stage_layout(latent_h, latent_w, batch, cfg, memory: MemoryModel, budget, tile_latent=None):

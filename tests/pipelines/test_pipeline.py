@@ -211,7 +211,9 @@ def test_pixel_upsampling_is_planned_with_its_vae_layouts(pipe):
     plan = pipe.plan(512, 512, upsample_mode="pixel", vae_tile_size=128)
     decode, encode = plan.stages[1].upsample
     assert (decode.latent_height, encode.latent_height) == (32, 64)
-    assert decode.grid.tile_height == encode.grid.tile_height == plan.decode.grid.tile_height == 16
+    # tiles of at most 16 latent pixels, as few as cover each latent (overlap 4): 3 of 14 over 32, 5 of 16 over 64
+    assert (decode.grid.tile_height, encode.grid.tile_height, plan.decode.grid.tile_height) == (14, 16, 16)
+    assert (len(decode.grid), len(encode.grid)) == (9, 25)
     assert encode.num_tiles == plan.decode.num_tiles > decode.num_tiles > 1
     assert pipe.plan(512, 512).stages[1].upsample is None
 

@@ -225,7 +225,7 @@ def _on(device, vae, dtype=torch.float32):
 @torch.no_grad()
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_channels_last_reaches_every_convolution(vae, latents, tuning, device):
-    """No op on the way (upsampling, attention, residual adds, the norms) falls back to NCHW."""
+    """No op on the way of a tiled decode (upsampling, attention, residual adds, the norms) falls back to NCHW."""
     moved = _on(device, vae)
     layouts = []
     hooks = [m.register_forward_pre_hook(lambda m, args: layouts.append(args[0].is_contiguous(
@@ -236,7 +236,9 @@ def test_channels_last_reaches_every_convolution(vae, latents, tuning, device):
     for hook in hooks:
         hook.remove()
     convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in moved.decoder.modules()) + 1  # + post_quant_conv
-    assert len(layouts) == convolutions * (1 + 9 + 1) and all(layouts)
+    tiled, whole = layouts[:convolutions * (1 + 9)], layouts[convolutions * (1 + 9):]
+    assert len(tiled) == convolutions * (1 + 9) and all(tiled)
+    assert len(whole) == convolutions and not any(whole)  # an untiled decode is the VAE's own, untuned
 
 
 @torch.no_grad()
