@@ -18,8 +18,8 @@ Variants (``Tuning`` fields and tile size; ``current`` is every setting off, 102
     <best>+matmul             the same keys and values, attention as matmuls with float32 scores
     <best>, tile 1536 / 2048  the fastest so far with larger tiles (fewer tiles and less overlap at 16K)
 
-Each variant: (a) one plain decoder call (no tiling) on a 128^2 and a 256^2 latent (a 1024 px tile and
-the 2048 px context pass), (b) the tiled decode (``decode_tiled``, grid ``planning.vae_grid``, context
+Each variant: (a) one decoder pass over a whole 128^2 and 256^2 latent as a context pass runs (a 1024 px
+tile and the 2048 px context), (b) the tiled decode (``decode_tiled``, grid ``planning.vae_grid``, context
 ``planning.VAE_CONTEXT_PIXELS``) at each size. Times are CUDA events after one warm-up call (the warm-up's
 own time is reported too: it includes cuDNN's algorithm search). Peak: GiB allocated during the call
 beyond what was allocated before it (the weights, kept images), the output image included. The largest
@@ -140,16 +140,26 @@ def tiled_decode(vae, z, tile: int, context: int):
     return decode_tiled(vae, z, grid, context // FACTOR), 1 if grid is None else len(grid)
 
 
+def context_pass(vae, z: torch.Tensor) -> torch.Tensor:
+    """The decoder on all of z in one pass, run as a tiled decode runs its context pass (``TUNING``'s layout,
+    norms and attention); an untiled ``decode_tiled`` is never tuned."""
+    with vae_tiling._tuned([m for m in (vae.post_quant_conv, vae.decoder) if m is not None]):
+        whole = vae_tiling.WholeImageContext(vae.decoder)
+        with whole.installed():
+            whole.mode = "record"
+            return vae_tiling._decoder(vae)(vae_tiling._laid_out(z)).float()
+
+
 def plain_cells(vae, variant: Variant, sizes, device, dtype, repeats: int) -> dict:
-    """Seconds (median after a warm-up) and peak GiB of one untiled decode per size."""
+    """Seconds (median after a warm-up) and peak GiB of one context pass (``context_pass``) per size."""
     cells = {}
     with tuned(variant.tuning):
         for pixels in sizes:
             z = latents_for(pixels, device, dtype)
             try:
-                warm, _ = timed(lambda: decode_tiled(vae, z, None, pixels), device)
+                warm, _ = timed(lambda: context_pass(vae, z), device)
                 baseline = reset_peak(device)
-                times = sorted(timed(lambda: decode_tiled(vae, z, None, pixels), device)[0] for _ in range(repeats))
+                times = sorted(timed(lambda: context_pass(vae, z), device)[0] for _ in range(repeats))
                 cells[pixels] = dict(s=times[(len(times) - 1) // 2], warmup_s=warm, peak_gib=peak_gib(device, baseline))
             except torch.OutOfMemoryError:
                 cells[pixels] = dict(oom=True)

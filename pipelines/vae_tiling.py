@@ -44,8 +44,8 @@ class Tuning:
 
     affine_norm: GroupNorms as one pass ``x * scale + shift`` with per-(image, channel) scale and shift
         from float32 statistics, in x's memory format: in the tiles with the shared statistics (otherwise
-        (x - mean) * rstd, then the weight and the bias: four passes), and in the context pass and an
-        untiled decode or encode with their own (otherwise ``nn.GroupNorm``).
+        (x - mean) * rstd, then the weight and the bias: four passes), and in the context pass with its
+        own (otherwise ``nn.GroupNorm``). A decode or encode without tiles is never tuned.
     channels_last: the coder's convolution weights and its inputs in ``torch.channels_last`` (NHWC, the
         layout tensor-core convolutions work in) for the duration of a decode or encode; needs
         affine_norm.
@@ -111,21 +111,19 @@ class _ContextAttention:
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, **kwargs):
-        if self.owner.mode == "record":
+        mode = self.owner.mode
+        if mode == "record":
             tokens = hidden_states.flatten(2) if hidden_states.ndim == 4 else hidden_states.transpose(1, 2)
             if attn.group_norm is not None:
                 tokens = attn.group_norm(tokens)
             self.owner.context_tokens[self.key] = tokens.transpose(1, 2)
+        if mode in ("record", "apply"):
             how = TUNING.context_attention
             if how != "processor" and self._plain(attn, hidden_states, attention_mask, kwargs):
                 key, value = self.owner.keys_values(self.key, attn)
                 return _attend(attn, hidden_states, key, value, how)
-        elif self.owner.mode == "apply":
-            how = TUNING.context_attention
-            if how != "processor" and self._plain(attn, hidden_states, attention_mask, kwargs):
-                key, value = self.owner.keys_values(self.key, attn)
-                return _attend(attn, hidden_states, key, value, how)
-            encoder_hidden_states = self.owner.context_tokens[self.key]
+            if mode == "apply":
+                encoder_hidden_states = self.owner.context_tokens[self.key]
         return self.processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                               attention_mask=attention_mask, temb=temb, **kwargs)
 
