@@ -149,3 +149,55 @@ def test_ema_tracks_parameters_with_warm_up():
     ema.update(model)  # decay min(0.9, 2/11): shadow = 1 + (3 - 1) * (1 - 2/11)
     ema.copy_to(model)
     assert model.weight.detach().flatten().tolist() == pytest.approx([1 + 2 * 9 / 11] * 2)
+
+
+def _teacher_steps(device: str, graphed: bool, steps: int = 5):
+    """Parameters after ``steps`` TrainSteps of the tiny teacher on a fixed batch (no randomness in the loss)."""
+    torch.manual_seed(0)
+    model = core.ClassConditionedUNet(core.TINY_CONFIG).to(device)
+    cuda = device == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3, device=device), fused=cuda,
+                                  capturable=cuda)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 32, 32, generator=generator).to(device)
+    t = torch.tensor([1, 200, 500, 999], device=device)
+    y = torch.tensor([0, 3, 7, core.UNCONDITIONAL], device=device)
+    step = train_teacher.TrainStep(model, optimizer, lambda: model(x, t, y).pow(2).mean())
+    if not graphed:
+        step.mode = "eager"
+    losses = []
+    for index in range(steps):
+        optimizer.param_groups[0]["lr"].fill_(1e-3 / (index + 1))  # the rate set before each call is the one used
+        losses.append(step().item())
+    return step.mode, losses, [p.detach().cpu() for p in model.parameters()]
+
+
+def test_train_step_on_cpu_matches_plain_adamw_steps():
+    mode, losses, params = _teacher_steps("cpu", graphed=False)
+    torch.manual_seed(0)
+    model = core.ClassConditionedUNet(core.TINY_CONFIG)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 32, 32, generator=generator)
+    t, y = torch.tensor([1, 200, 500, 999]), torch.tensor([0, 3, 7, core.UNCONDITIONAL])
+    for index in range(5):
+        optimizer.param_groups[0]["lr"] = 1e-3 / (index + 1)
+        optimizer.zero_grad()
+        loss = model(x, t, y).pow(2).mean()
+        assert loss.item() == pytest.approx(losses[index], rel=1e-6)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    assert mode == "eager" and losses[-1] < losses[0]
+    for mine, plain in zip(params, model.parameters()):
+        torch.testing.assert_close(mine, plain.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_graphed_train_steps_equal_eager_steps():
+    mode, graphed_losses, graphed = _teacher_steps("cuda", graphed=True, steps=6)
+    assert mode == "cuda graph"  # 3 eager warm-up steps, then 3 replays
+    _, eager_losses, eager = _teacher_steps("cuda", graphed=False, steps=6)
+    assert graphed_losses == pytest.approx(eager_losses, rel=1e-4)
+    for a, b in zip(graphed, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
