@@ -279,19 +279,33 @@ def main(argv=None) -> dict:
         return core.sample(model, sample_labels, seed=args.seed, steps=sampling_steps, guidance=args.guidance)
 
     teacher_samples = []  # (images, statistics) of the teacher, made once when a model needs them
+    teacher_file = out / "teacher_samples.pt"  # the teacher's process shares its samples with the others
+
+    def teacher_images() -> torch.Tensor:
+        if teacher_file.exists():
+            saved = torch.load(teacher_file, map_location=device)
+            same = (saved["seed"], saved["steps"], saved["guidance"]) == (args.seed, sampling_steps, args.guidance)
+            if same and torch.equal(saved["labels"], sample_labels):
+                return saved["images"]
+        return draw(teacher)
 
     def measure(name: str, model: nn.Module, train: dict | None) -> None:
         model.eval()
         row = dict(model=name, heldout_loss=core.heldout_loss(model, test_images, test_labels))
         images = draw(model)
+        if name == "teacher":
+            temporary = teacher_file.with_name(f".{teacher_file.name}.{os.getpid()}")
+            torch.save(dict(images=images, labels=sample_labels, seed=args.seed, steps=sampling_steps,
+                            guidance=args.guidance), temporary)
+            temporary.replace(teacher_file)
         feats = fid.features(extractor, images)
         stats = fid.statistics(feats)
         row["fid"] = fid.frechet_distance(stats, reference)
         row["kid"] = fid.kernel_inception_distance(feats, reference_feats)
         if name != "teacher":
             if not teacher_samples:
-                teacher_images = draw(teacher)
-                teacher_samples.extend((teacher_images, fid.statistics(fid.features(extractor, teacher_images))))
+                reference_images = teacher_images()
+                teacher_samples.extend((reference_images, fid.statistics(fid.features(extractor, reference_images))))
             row["fid_vs_teacher"] = fid.frechet_distance(stats, teacher_samples[1])
             row["psnr_vs_teacher"] = fid.paired_psnr(images, teacher_samples[0])
         if train is not None:

