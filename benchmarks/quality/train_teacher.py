@@ -40,65 +40,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-class TrainStep:
-    """One training step per call: forward and backward of ``loss_fn()``, gradient clipping, the optimizer
-    step; returns the loss (a tensor on the device, read it rarely).
-
-    On a GPU the first calls run eagerly on a side stream (cuDNN's algorithm search, the optimizer's state),
-    then the step is captured once as a CUDA graph and every later call replays it: an eager step of this
-    small model is bound by launching its ~7,000 kernels from Python, not by running them. The random batch
-    is drawn inside the step, so each replay draws a new one. ``mode`` says which form runs.
-    """
-
-    EAGER_STEPS = 3
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer, self.loss_fn = optimizer, loss_fn
-        self.graph, self.static_loss, self.eager_steps = None, None, 0
-        self.mode = "warm-up" if self.params[0].is_cuda else "eager"
-
-    def _step(self) -> torch.Tensor:
-        loss = self.loss_fn()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        return loss.detach()
-
-    def _eager(self) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        return self._step()
-
-    def _capture(self) -> None:
-        graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients it writes
-        try:
-            with torch.cuda.graph(graph):
-                loss = self._step()
-        except RuntimeError as error:  # train eagerly rather than lose the GPU call
-            core.log(f"CUDA graph capture failed, training eagerly: {str(error).splitlines()[0]}")
-            torch.cuda.synchronize()
-            self.mode = "eager"
-            return
-        self.graph, self.static_loss, self.mode = graph, loss, "cuda graph"
-
-    def __call__(self) -> torch.Tensor:
-        if self.mode == "warm-up":
-            if self.eager_steps < self.EAGER_STEPS:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    loss = self._eager()
-                torch.cuda.current_stream().wait_stream(side)
-                self.eager_steps += 1
-                return loss
-            self._capture()
-        if self.graph is None:
-            return self._eager()
-        self.graph.replay()
-        return self.static_loss
-
-
 def main(argv=None) -> Path:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -121,15 +62,14 @@ def main(argv=None) -> Path:
     else:
         model, runs = core.ClassConditionedUNet(config).to(device), []
     ema = core.EMA(model, args.ema)
-    # fused AdamW with a tensor learning rate: the graphed step reads the rate set before each replay
-    optimizer = torch.optim.AdamW(model.parameters(), lr=torch.tensor(args.lr, device=device), weight_decay=0.0,
-                                  fused=device.type == "cuda", capturable=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
     scheduler = core.noise_scheduler()
     alphas = scheduler.alphas_cumprod.to(device)
     core.log(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters on {device}")
 
-    def batch_loss() -> torch.Tensor:
-        """Draw a batch on the device (images, flips, dropped labels, noise, timesteps) -> mean epsilon loss."""
+    budget_s = args.minutes * 60
+    step, losses, began = 0, [], time.time()
+    while time.time() - began < budget_s and not (args.tiny and step >= 3):
         index = torch.randint(0, len(images), (batch,), device=device)
         x0 = core.to_model_space(core.random_flip(images[index]))
         y = torch.where(torch.rand(batch, device=device) < args.label_dropout, core.UNCONDITIONAL, labels[index])
@@ -137,28 +77,22 @@ def main(argv=None) -> Path:
         t = torch.randint(0, core.TRAIN_TIMESTEPS, (batch,), device=device)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        # no cast cache: a graph replays the casts of the weights the previous replay updated
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False):
-            prediction = model(xt, t, y)
-        return per_sample_mse(prediction, prediction_target(scheduler, x0, noise, t)).mean()
-
-    budget_s = args.minutes * 60
-    step, losses, began = 0, [], time.time()
-    train_step = TrainStep(model, optimizer, batch_loss)
-    while time.time() - began < budget_s and not (args.tiny and step >= 3):
         progress = (time.time() - began) / budget_s
-        optimizer.param_groups[0]["lr"].fill_(
-            args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(progress, 1))))
-        loss = train_step()
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(progress, 1)))
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            prediction = model(xt, t, y)
+        loss = per_sample_mse(prediction, prediction_target(scheduler, x0, noise, t)).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
         ema.update(model)
         step += 1
         if step % 100 == 0:
             losses.append((step, round(time.time() - began, 1), loss.item()))
             if step % 500 == 0:
-                core.log(f"step {step}  loss {loss.item():.4f}  {step / (time.time() - began):.1f} steps/s"
-                         f"  ({train_step.mode})")
-    if device.type == "cuda":
-        torch.cuda.synchronize()  # replays run ahead of the host
+                core.log(f"step {step}  loss {loss.item():.4f}  {step / (time.time() - began):.1f} steps/s")
     elapsed = time.time() - began
     ema.copy_to(model)
     out = core.save_model(model, args.out, config)
