@@ -149,3 +149,11 @@ def test_ema_tracks_parameters_with_warm_up():
     ema.update(model)  # decay min(0.9, 2/11): shadow = 1 + (3 - 1) * (1 - 2/11)
     ema.copy_to(model)
     assert model.weight.detach().flatten().tolist() == pytest.approx([1 + 2 * 9 / 11] * 2)
+
+
+def test_teacher_attention_heads_are_32_channels_wide():
+    # UNet2DConditionModel reads attention_head_dim as a head count: 32 "heads" of 64 channels are 2 wide.
+    model = core.ClassConditionedUNet(core.TEACHER_CONFIG)
+    widths = {name: module.inner_dim // module.heads for name, module in model.unet.named_modules()
+              if name.endswith(("attn1", "attn2"))}
+    assert len(widths) == 14 and set(widths.values()) == {core.TEACHER_HEAD_CHANNELS}
