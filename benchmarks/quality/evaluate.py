@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -280,12 +281,13 @@ def main(argv=None) -> dict:
 
     teacher_samples = []  # (images, statistics) of the teacher, made once when a model needs them
     teacher_file = out / "teacher_samples.pt"  # the teacher's process shares its samples with the others
+    sampling = dict(seed=args.seed, steps=sampling_steps, guidance=args.guidance,
+                    teacher=hashlib.sha256((Path(args.teacher) / "model.safetensors").read_bytes()).hexdigest())
 
     def teacher_images() -> torch.Tensor:
         if teacher_file.exists():
             saved = torch.load(teacher_file, map_location=device)
-            same = (saved["seed"], saved["steps"], saved["guidance"]) == (args.seed, sampling_steps, args.guidance)
-            if same and torch.equal(saved["labels"], sample_labels):
+            if saved["sampling"] == sampling and torch.equal(saved["labels"], sample_labels):
                 return saved["images"]
         return draw(teacher)
 
@@ -295,8 +297,7 @@ def main(argv=None) -> dict:
         images = draw(model)
         if name == "teacher":
             temporary = teacher_file.with_name(f".{teacher_file.name}.{os.getpid()}")
-            torch.save(dict(images=images, labels=sample_labels, seed=args.seed, steps=sampling_steps,
-                            guidance=args.guidance), temporary)
+            torch.save(dict(images=images, labels=sample_labels, sampling=sampling), temporary)
             temporary.replace(teacher_file)
         feats = fid.features(extractor, images)
         stats = fid.statistics(feats)
