@@ -27,12 +27,14 @@ TRAIN_TIMESTEPS = 1000
 # 8x8 mid block; cross-attention reads the class embedding. UNet2DConditionModel reads attention_head_dim as
 # the number of heads per block (SDXL's (5, 10, 20) are heads of 64 channels): here heads of 32 channels.
 TEACHER_HEAD_CHANNELS = 32
+TEACHER_WIDTHS = (64, 96, 96)
 TEACHER_CONFIG = dict(
     sample_size=32, in_channels=3, out_channels=3,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(64, 96, 96), layers_per_block=1, transformer_layers_per_block=1,
-    cross_attention_dim=64, attention_head_dim=(2, 3, 3), norm_num_groups=16,
+    block_out_channels=TEACHER_WIDTHS, layers_per_block=1, transformer_layers_per_block=1,
+    cross_attention_dim=64, attention_head_dim=tuple(width // TEACHER_HEAD_CHANNELS for width in TEACHER_WIDTHS),
+    norm_num_groups=16,
 )
 TINY_CONFIG = dict(TEACHER_CONFIG, block_out_channels=(16, 16, 32), cross_attention_dim=16,
                    attention_head_dim=(2, 2, 4), norm_num_groups=8)
