@@ -30,7 +30,7 @@ COMMON=(
   --pretrained_model_name_or_path "$MODEL" "${SOURCE[@]}" --output_dir "$OUT"
   --resolution 1024 --random_flip --mixed_precision bf16 --gradient_checkpointing --allow_tf32
   --proxy_ratio 8 --gate_groups 1
-  --learning_rate 1e-4 --lr_scheduler cosine --lr_warmup_steps 500
+  --learning_rate 1e-3 --lr_scheduler cosine --lr_warmup_steps 500
   --layerwise_steps 2000 --max_train_steps 20000
   --noise_loss_weight 1.0 --kd_loss_weight 1.0 --feature_loss_weight 1.0
   --checkpointing_steps 1000 --checkpoints_total_limit 3 --resume_from_checkpoint latest

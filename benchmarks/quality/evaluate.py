@@ -42,7 +42,7 @@ from gspn_diffusers.distill.losses import per_sample_mse, prediction_target, rel
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    lr: float = 1e-4
+    lr: float = 1e-3
     layerwise_fraction: float = 0.1  # share of the budget spent in the layerwise stage
     noise_weight: float = 1.0
     kd_weight: float = 1.0
@@ -50,13 +50,13 @@ class Recipe:
     warmup_fraction: float = 0.025
 
 
-# The defaults of examples/distill.sh (lr 1e-4, cosine, warm-up 500 and layerwise 2000 of 20000 steps,
+# The defaults of examples/distill.sh (lr 1e-3, cosine, warm-up 500 and layerwise 2000 of 20000 steps,
 # all loss weights 1) scaled to the budget, and what changes when one of them moves.
 RECIPES = {
     "default": Recipe("default"),
     "no_layerwise": Recipe("no_layerwise", layerwise_fraction=0.0),
     "no_feature": Recipe("no_feature", layerwise_fraction=0.0, feature_weight=0.0),
-    "lr1e-3": Recipe("lr1e-3", lr=1e-3),
+    "lr1e-4": Recipe("lr1e-4", lr=1e-4),
 }
 CONTROL = Recipe("control", lr=1e-4, layerwise_fraction=0.0, feature_weight=0.0)
 
