@@ -140,7 +140,7 @@ def test_help_shows_the_defaults(capsys):
     from gspn_diffusers.distill.args import build_parser
 
     text = " ".join(build_parser().format_help().split())
-    for shown in ("AdamW learning rate of the GSPN parameters (default: 0.0001)", "(default: constant)", "--resolution RESOLUTION",
+    for shown in ("AdamW learning rate of the GSPN parameters (default: 0.001)", "(default: constant)", "--resolution RESOLUTION",
                   "square training size in pixels (default: 1024)", "--seed SEED", "(default: 0)"):
         assert shown in text, shown
 
