@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.quality import core, evaluate, fid, train_teacher  # noqa: E402
+from benchmarks.quality import core, evaluate, fid, layer_fit, train_teacher  # noqa: E402
 
 
 def write_jpeg_archive(path: Path, count: int, seed: int) -> np.ndarray:
@@ -157,3 +157,28 @@ def test_teacher_attention_heads_are_32_channels_wide():
     widths = {name: module.inner_dim // module.heads for name, module in model.unet.named_modules()
               if name.endswith(("attn1", "attn2"))}
     assert len(widths) == 14 and set(widths.values()) == {core.TEACHER_HEAD_CHANNELS}
+
+
+def test_layer_fit_records_each_attention_and_reports_every_ratio(cifar_like, tmp_path, capsys):
+    teacher_dir = train_teacher.main(["--data", str(cifar_like), "--out", str(tmp_path / "teacher"), "--tiny"])
+    teacher = core.load_model(teacher_dir, "cpu").eval().requires_grad_(False)
+    images, labels = core.decode_split(cifar_like / "train_jpeg.npz", 6)
+    inputs, outputs = layer_fit.record_attention(teacher, images, labels, seed=0, batch=4)
+    assert list(inputs) == evaluate.self_attention_layers(teacher.unet)
+    for layer, tokens in inputs.items():  # the recorded output is the layer's own, batch by batch
+        assert tokens.shape[0] == 6
+        with torch.no_grad():
+            torch.testing.assert_close(teacher.unet.get_submodule(layer)(tokens), outputs[layer])
+    test_images, test_labels = core.decode_split(cifar_like / "test_jpeg.npz", 4)
+    unfitted = layer_fit.fit(teacher, inputs, outputs, 8, steps=0, lr=1e-2, seed=0, test_images=test_images,
+                             test_labels=test_labels)
+    assert unfitted["layer_error_fit"] == unfitted["layer_error_init"]
+    assert unfitted["heldout_fit"] == unfitted["heldout_init"]
+    fitted = layer_fit.fit(teacher, inputs, outputs, 8, steps=3, lr=1e-2, seed=0, test_images=test_images,
+                           test_labels=test_labels)
+    assert fitted["layer_error_init"] == unfitted["layer_error_init"] and fitted["heldout_fit"] != unfitted["heldout_fit"]
+    result = layer_fit.main(["--teacher", str(teacher_dir), "--data", str(cifar_like), "--tiny", "--ratios", "8", "2"])
+    assert [row["proxy_ratio"] for row in result["rows"]] == [8, 2]
+    assert result["rows"][1]["proxy_widths"] == [8, 16]  # widths 16, 16, 32 of the tiny model, halved
+    printed = capsys.readouterr().out
+    assert printed.count("\n| 8 |") == 1 and printed.count("\n| 2 |") == 1
