@@ -6,7 +6,9 @@
 Models (rows): the teacher; the control (every attn1 returns zeros, i.e. the blocks without
 self-attention, whole UNet fine-tuned with the noise + KD losses); one student per recipe (the teacher with
 ``GSPNAdapter.for_unet`` mounted, only the adapter trained, with the distillation's noise, KD and per-layer
-feature losses and an optional layerwise stage). Every model trains for the same wall-clock budget.
+feature losses and an optional layerwise stage). Every model trains for the same budget: ``--minutes`` of
+wall-clock time, or ``--steps`` optimizer steps (the same for every row however the GPU is shared; the
+layerwise stage and the learning-rate schedule then follow the steps, and ``--minutes`` is a cap).
 
 Metrics: held-out epsilon loss on the test subset (same noise and timesteps for every model) and the share
 of the control-to-teacher gap a model recovers; FID and KID of ``--samples`` guided samples against the
@@ -229,6 +231,7 @@ def parse_args(argv=None):
     parser.add_argument("--inception", help="the float16 FID Inception TorchScript file (not with --tiny)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--minutes", type=float, default=0.5, help="training budget of each distilled model")
+    parser.add_argument("--steps", type=int, help="train each distilled model this many steps (--minutes: a cap)")
     parser.add_argument("--models", default=",".join(["teacher", "control", *RECIPES]),
                         help=f"comma-separated, from teacher, control, {', '.join(RECIPES)} (student recipes); "
                              "empty: only gather the rows in --out into the report")
@@ -239,6 +242,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="CPU, few images and samples, random features")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
     names = [name for name in args.models.split(",") if name]
     unknown = [name for name in names if name not in ("teacher", "control", *RECIPES)]
     if unknown:
@@ -255,10 +260,10 @@ def main(argv=None) -> dict:
     (out / "rows").mkdir(parents=True, exist_ok=True)
     samples, batch = (16, 4) if args.tiny else (args.samples, args.batch)
     sampling_steps = 3 if args.tiny else args.sampling_steps
-    max_steps = 2 if args.tiny else None
+    max_steps = args.steps if args.steps is not None else 2 if args.tiny else None
     meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 date=time.strftime("%Y-%m-%d"), samples=samples, sampler=f"DPM-Solver++(2M) {sampling_steps} steps",
-                guidance=args.guidance, minutes_per_model=args.minutes,
+                guidance=args.guidance, minutes_per_model=args.minutes, steps_per_model=args.steps,
                 features="random (tiny)" if args.tiny else "FID Inception-v3 pool3, float16 weights")
     if not args.models:
         return dict(meta=meta, rows=write_report(out, meta))

@@ -123,6 +123,20 @@ def test_whole_harness_tiny(cifar_like, tmp_path):
     assert table.count("\n| ") == 4 and "student:no_feature" in table
     with pytest.raises(SystemExit):
         evaluate.parse_args(common + ["--models", "teacher,nonsense"])
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(common + ["--steps", "0"])
+
+
+def test_a_step_budget_trains_every_model_that_many_steps(cifar_like, tmp_path):
+    teacher_dir = train_teacher.main(["--data", str(cifar_like), "--out", str(tmp_path / "teacher"), "--tiny"])
+    result = evaluate.main(["--teacher", str(teacher_dir), "--data", str(cifar_like), "--out", str(tmp_path / "eval"),
+                            "--tiny", "--models", "control,no_feature,default", "--steps", "10", "--minutes", "60"])
+    trained = {row["model"]: row["train"] for row in result["rows"]}
+    assert {name: run["steps"] for name, run in trained.items()} == {
+        "control": 10, "student:default": 10, "student:no_feature": 10}
+    # the layerwise stage takes the first 10% of the steps: step 0 only (progress 0 / 10)
+    assert trained["student:default"]["layerwise_steps"] == 1 and trained["student:no_feature"]["layerwise_steps"] == 0
+    assert result["meta"]["steps_per_model"] == 10
 
 
 def test_teacher_training_continues_from_a_saved_teacher(cifar_like, tmp_path):
