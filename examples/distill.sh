@@ -49,7 +49,7 @@ bench_prompts() {
 }
 BENCH=(
   --random_sdxl full --resolution 1024 --mixed_precision bf16 --gradient_checkpointing --allow_tf32
-  --teacher_sampling_steps 4 --learning_rate 1e-4 --max_train_steps 1000 --max_train_seconds "${BENCH_SECONDS:-180}"
+  --teacher_sampling_steps 4 --learning_rate 1e-3 --max_train_steps 1000 --max_train_seconds "${BENCH_SECONDS:-180}"
   --checkpointing_steps 100000 --fidelity_timesteps 4 --seed 0 --overwrite_output_dir
 )
 

@@ -60,6 +60,7 @@ RECIPES = {
     "no_feature": Recipe("no_feature", layerwise_fraction=0.0, feature_weight=0.0),
     "lr1e-4": Recipe("lr1e-4", lr=1e-4),
 }
+# The control trains the whole UNet (3.7 M parameters, not the adapter's 20,676): a fine-tuning rate.
 CONTROL = Recipe("control", lr=1e-4, layerwise_fraction=0.0, feature_weight=0.0)
 
 
