@@ -42,15 +42,39 @@ def test_constant_tokens_give_outputs_that_do_not_grow_with_the_scan_length(chun
         torch.testing.assert_close(out, expected.expand_as(out), rtol=1e-5, atol=1e-5)
 
 
-def test_from_attention_is_the_best_rank_cp_value_projection(attn):
+def test_from_attention_is_the_best_rank_cp_value_path_as_to_out_sees_it(attn):
     processor = GSPN2AttnProcessor.from_attention(attn, proxy_ratio=8)
     assert processor.proxy_dim == WIDTH // 8
+    out_weight, value = attn.to_out[0].weight, attn.to_v.weight
     product = processor.up.weight @ processor.down.weight
-    singular = torch.linalg.svdvals(attn.to_v.weight)
-    # Eckart-Young: the rank-r error is the energy of the dropped singular values.
-    error = torch.linalg.matrix_norm(attn.to_v.weight - product).square()
+    target = out_weight @ value
+    singular = torch.linalg.svdvals(target)
+    # Eckart-Young: the rank-r error of W_out @ up @ down against W_out @ W_v is the energy of the dropped
+    # singular values of W_out @ W_v, less than truncating W_v alone gives.
+    error = torch.linalg.matrix_norm(target - out_weight @ product).square()
     torch.testing.assert_close(error, singular[8:].square().sum(), rtol=1e-4, atol=1e-5)
+    left, values, right_t = torch.linalg.svd(value)
+    value_only = out_weight @ (left[:, :8] * values[:8]) @ right_t[:8]
+    assert error < 0.95 * torch.linalg.matrix_norm(target - value_only).square()
     assert torch.linalg.matrix_rank(product) == 8
+    torch.testing.assert_close(processor.up.bias, attn.to_v.bias if attn.to_v.bias is not None
+                               else torch.zeros(WIDTH))
+
+
+def test_from_attention_at_full_rank_is_the_value_projection(attn):
+    processor = GSPN2AttnProcessor.from_attention(attn, proxy_ratio=1)
+    torch.testing.assert_close(processor.up.weight @ processor.down.weight, attn.to_v.weight, rtol=1e-4, atol=1e-5)
+
+
+def test_from_attention_of_a_rank_deficient_layer_is_finite():
+    torch.manual_seed(3)
+    attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
+    with torch.no_grad():
+        attn.to_out[0].weight[:, 4:] = 0  # W_out @ W_v has rank 4 < Cp = 8
+    processor = GSPN2AttnProcessor.from_attention(attn, proxy_ratio=2)
+    assert all(torch.isfinite(p).all() for p in processor.parameters())
+    product = attn.to_out[0].weight @ processor.up.weight @ processor.down.weight
+    torch.testing.assert_close(product, attn.to_out[0].weight @ attn.to_v.weight, rtol=1e-4, atol=1e-5)
 
 
 def test_fresh_processor_is_a_positive_average_of_the_projected_values(attn):
