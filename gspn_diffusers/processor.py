@@ -86,8 +86,8 @@ class GSPN2AttnProcessor(nn.Module):
       ``to_out(W_v,r @ cone average of the tokens)``, the same form as softmax attention's
       ``to_out(W_v @ attention-weighted average of the tokens)``, so the student starts near its
       teacher and distillation only has to learn where to look. Truncating the product rather than
-      ``W_v`` alone keeps the directions ``to_out`` amplifies (on the CIFAR-10 proxy's teacher, about
-      half the relative error at proxy ratio 8: docs/quality.md).
+      ``W_v`` alone keeps the directions ``to_out`` amplifies: it is the best rank-Cp value path for the
+      layer's output (Eckart-Young), not for the values.
     - ``GSPN2AttnProcessor(query_dim, proxy_dim, ...)`` gives ``down`` / ``up`` PyTorch's default
       random init; use it to load trained weights.
 
