@@ -38,6 +38,7 @@ from torch import nn
 from benchmarks.quality import core, fid
 from gspn_diffusers import GSPNAdapter
 from gspn_diffusers.adapter import self_attention_layers
+from gspn_diffusers.distill.args import positive_int
 from gspn_diffusers.distill.losses import per_sample_mse, prediction_target, relative_feature_loss
 
 
@@ -232,7 +233,7 @@ def parse_args(argv=None):
     parser.add_argument("--inception", help="the float16 FID Inception TorchScript file (not with --tiny)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--minutes", type=float, default=0.5, help="training budget of each distilled model")
-    parser.add_argument("--steps", type=int, help="train each distilled model this many steps (--minutes: a cap)")
+    parser.add_argument("--steps", type=positive_int, help="train each distilled model this many steps (--minutes: a cap)")
     parser.add_argument("--models", default=",".join(["teacher", "control", *RECIPES]),
                         help=f"comma-separated, from teacher, control, {', '.join(RECIPES)} (student recipes); "
                              "empty: only gather the rows in --out into the report")
@@ -243,8 +244,6 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="CPU, few images and samples, random features")
     args = parser.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
     names = [name for name in args.models.split(",") if name]
     unknown = [name for name in names if name not in ("teacher", "control", *RECIPES)]
     if unknown:
