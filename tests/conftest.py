@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_path(tmp_path_factory):
-    """A tiny random SDXL pipeline folder, written once per test session."""
+    """A tiny random SDXL pipeline folder, written once per pytest run."""
     from gspn_diffusers.testing import save_tiny_sdxl
 
     return save_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"), seed=0)
